@@ -1,0 +1,92 @@
+"""Quantization settings as a validated dataclass, with the GPTQ `quantization_config` it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from quantizer.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4  # width of each integer code
+    group_size: int = 128  # input columns sharing one scale/zero; -1 = one group per row
+    desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
+    sym: bool = True  # symmetric grid (zero fixed at 2^(bits-1)) or min-max asymmetric
+    damp_percent: float = 0.01  # λ = damp_percent · mean(diag H) added to the diagonal
+    static_groups: bool = False  # with desc_act: fix group scales from the unpermuted weight
+    true_sequential: bool = True  # re-capture inputs after each sequential group is quantized
+    block_size: int = 128  # columns per lazy-batch update
+    method: str = "gptq"  # "gptq" or "rtn" (round-to-nearest baseline, same outputs)
+    pad_intermediate_to: int = 0  # zero-pad the MLP width to a multiple of this (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 32 != 0):
+            raise ConfigError(
+                f"group_size={self.group_size} is invalid; use -1 (per row) or a positive multiple of 32 "
+                "such as 32, 64 or 128"
+            )
+        if not 0.0 < self.damp_percent < 1.0:
+            raise ConfigError(f"damp_percent={self.damp_percent} must lie in (0, 1); 0.01 is the usual value")
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
+        if self.method not in ("gptq", "rtn"):
+            raise ConfigError(f"method={self.method!r} is unknown; use 'gptq' or 'rtn'")
+        if self.pad_intermediate_to < 0:
+            raise ConfigError("pad_intermediate_to must be 0 (off) or a positive multiple such as 1024")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_count(self, in_features: int) -> int:
+        """Number of quantization groups along the input dimension."""
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def check_in_features(self, name: str, in_features: int) -> None:
+        if self.group_size != -1 and in_features % self.group_size != 0:
+            raise ConfigError(
+                f"group_size={self.group_size} does not divide in_features={in_features} of {name}; "
+                f"pick a group size that divides it (e.g. {_largest_dividing_group(in_features)}) or -1"
+            )
+        if in_features % 32 != 0:
+            raise ConfigError(f"{name} has in_features={in_features}, not a multiple of 32: GPTQ packing needs it")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `quantization_config` written to config.json and quantize_config.json."""
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "damp_percent": self.damp_percent,
+            "static_groups": self.static_groups,
+            "true_sequential": self.true_sequential,
+            "lm_head": False,
+            "checkpoint_format": "gptq",
+            "method": "gptq",
+            "format": "gptq",
+            "quantizer": ["rayquant:0.1.0"],
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown quantization key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+
+def _largest_dividing_group(in_features: int) -> int:
+    for g in (128, 64, 32):
+        if in_features % g == 0:
+            return g
+    return -1

@@ -1,0 +1,38 @@
+"""Streamed Hessian accumulation for one linear layer's inputs.
+
+Kept as a float32 sum of XᵀX plus a token count, divided once at solve time (H = 2/n · Σ XᵀX),
+so partial sums from several batches or workers simply add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Accumulates Σ xᵀx over calibration tokens for a layer with `in_features` inputs."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [in, in]
+        self.count = 0  # tokens seen
+
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """x: [..., in] layer inputs; token_mask: [...] bool, False for padding tokens (excluded)."""
+        x = x.reshape(-1, x.shape[-1])
+        if token_mask is not None:
+            x = x[token_mask.reshape(-1).to(x.device)]
+        if x.shape[0] == 0:
+            return
+        x = x.to(self.xtx.dtype)
+        self.xtx.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def merge(self, other: "HessianAccumulator") -> None:
+        self.xtx += other.xtx.to(self.xtx.device)
+        self.count += other.count
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n · Σ xᵀx, [in, in] float32."""
+        if self.count == 0:
+            raise RuntimeError("no calibration tokens reached this layer; check the calibration data")
+        return self.xtx * (2.0 / self.count)

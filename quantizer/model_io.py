@@ -1,0 +1,132 @@
+"""Read a Hugging Face causal-LM checkpoint lazily: config and safetensors headers up front, tensors
+only when asked for (one layer at a time), so no process ever holds the whole model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from quantizer.architectures import Architecture, get_architecture
+from quantizer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str  # shard file name inside the model dir
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+
+    @property
+    def dtype_torch(self) -> torch.dtype:
+        return _TORCH_DTYPES.get(self.dtype, torch.float32)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * _DTYPE_BYTES.get(self.dtype, 4)
+
+
+@dataclass
+class CheckpointReader:
+    """A model dir with config.json and model.safetensors or model.safetensors.index.json + shards."""
+
+    model_dir: Path
+    config: PretrainedConfig = field(init=False)
+    arch: Architecture = field(init=False)
+    tensors: dict[str, TensorInfo] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if not self.model_dir.is_dir():
+            raise ConfigError(f"model directory {self.model_dir} does not exist; pass a Hugging Face checkpoint dir")
+        if not (self.model_dir / "config.json").is_file():
+            raise ConfigError(f"{self.model_dir} has no config.json; is it a Hugging Face checkpoint dir?")
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        archs = getattr(self.config, "architectures", None) or []
+        if archs and not any(a.endswith("ForCausalLM") for a in archs):
+            raise ConfigError(
+                f"{self.model_dir} holds a {archs[0]}, not a causal language model (…ForCausalLM); "
+                "rayquant quantizes decoder-only causal LMs"
+            )
+        self.arch = get_architecture(self.config.model_type)
+        if getattr(self.config, "quantization_config", None):
+            raise ConfigError(f"{self.model_dir} is already quantized; quantize the float checkpoint instead")
+        self.tensors = self._read_headers()
+
+    def _shard_files(self) -> list[str]:
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return sorted(set(weight_map.values()))
+        if (self.model_dir / "model.safetensors").is_file():
+            return ["model.safetensors"]
+        raise ConfigError(f"{self.model_dir} has no model.safetensors or model.safetensors.index.json")
+
+    def _read_headers(self) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for name in self._shard_files():
+            path = self.model_dir / name
+            if not path.is_file():
+                raise ConfigError(f"shard {path} is listed in the index but missing; re-download the checkpoint")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        tensors[key] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype())
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise ConfigError(f"shard {path} is unreadable ({exc}); re-download or re-convert it") from exc
+        return tensors
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def layer_tensor_names(self, index: int) -> list[str]:
+        prefix = self.arch.layer_prefix(index) + "."
+        return [n for n in self.tensors if n.startswith(prefix)]
+
+    def layer_bytes(self, index: int) -> int:
+        return sum(self.tensors[n].nbytes for n in self.layer_tensor_names(index))
+
+    def tensor_bytes(self, prefix: str) -> int:
+        return sum(t.nbytes for n, t in self.tensors.items() if n.startswith(prefix + "."))
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Load only the named tensors, opening each shard once."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.tensors:
+                raise ConfigError(f"tensor {n} is missing from {self.model_dir}; the checkpoint is incomplete")
+            by_file.setdefault(self.tensors[n].file, []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for file, keys in by_file.items():
+            try:
+                with safe_open(self.model_dir / file, framework="pt") as f:
+                    for k in keys:
+                        out[k] = f.get_tensor(k)
+            except Exception as exc:
+                raise ConfigError(f"could not read {keys[0]} from {self.model_dir / file}: {exc}") from exc
+        return out
+
+    def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under `prefix.`, with the prefix stripped."""
+        names = [n for n in self.tensors if n.startswith(prefix + ".")]
+        return {n[len(prefix) + 1 :]: t for n, t in self.load(names).items()}
+
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.arch.lm_head + ".weight" in self.tensors:
+            return self.load([self.arch.lm_head + ".weight"])[self.arch.lm_head + ".weight"]
+        return self.load([self.arch.embed + ".weight"])[self.arch.embed + ".weight"]  # tied embeddings

@@ -1,0 +1,30 @@
+"""What quantizing one weight matrix produces, whatever the method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantResult:
+    codes: torch.Tensor  # [out, in] uint8 integer codes, in the original column order
+    scales: torch.Tensor  # [groups, out] float16
+    zeros: torch.Tensor  # [groups, out] int32 true zero points (not the v1 zero−1)
+    g_idx: torch.Tensor  # [in] int32 group of each input column
+    loss: float  # mean squared output error per token, tr(ΔW·H·ΔWᵀ)/2 summed over rows
+    seconds: float = 0.0
+
+    def dequantize(self) -> torch.Tensor:
+        """Reconstructed weight W_q: [out, in] float32."""
+        g = self.g_idx.long()
+        scale = self.scales.float()[g].t()  # [out, in]
+        zero = self.zeros.float()[g].t()
+        return scale * (self.codes.float() - zero)
+
+
+def output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Σ_rows ΔW H ΔWᵀ / 2 with H = 2/n ΣXᵀX: the mean squared error of the layer's outputs per token."""
+    delta = (w.float() - w_q.float())
+    return float(((delta @ hessian) * delta).sum() / 2)
