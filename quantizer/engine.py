@@ -78,7 +78,6 @@ class StageEngine:
         self.config = compute_config(reader.config, self.intermediate)
         self.out_dtype = output_dtype(reader.tensors[self.arch.embed + ".weight"].dtype_torch)
         self.attention = AttentionInputs(self.arch, self.config, self.device)
-        self.quantized: dict[int, nn.Module] = {}
         self._mask: torch.Tensor | None = None
         self._embed: nn.Embedding | None = None
 
@@ -97,15 +96,8 @@ class StageEngine:
         with torch.inference_mode():
             return layer(hidden, **self.attention(hidden, chunk.mask))
 
-    def _forward_layer(self, layer: nn.Module, chunk: ActivationChunk) -> ActivationChunk:
+    def forward_layer(self, layer: nn.Module, chunk: ActivationChunk) -> ActivationChunk:
         return ActivationChunk(self._run(layer, chunk), chunk.mask)
-
-    def forward(self, chunk: ActivationChunk, quantized: bool) -> ActivationChunk:
-        """Run this stage's layers (float, or the quantized ones already built) on one batch."""
-        for index in self.layers:
-            layer = self.quantized[index] if quantized else self.float_layer(index)
-            chunk = self._forward_layer(layer, chunk)
-        return chunk
 
     def float_layer(self, index: int) -> nn.Module:
         state = self.reader.load_prefix(self.arch.layer_prefix(index))
@@ -130,8 +122,7 @@ class StageEngine:
             else:
                 tensors = self._quantize_layer(index, handles, report)
             layer = build_quantized_layer(self.arch, self.config, index, tensors, self.qcfg, self.dtype, self.device)
-            self.quantized[index] = layer
-            handles = [self.store.put(self._forward_layer(layer, self.store.get(h))) for h in handles]
+            handles = [self.store.put(self.forward_layer(layer, self.store.get(h))) for h in handles]
             report.seconds = time.perf_counter() - start
             report.finished = time.time()
             report.peak_rss_mb = peak_rss_mb()
@@ -205,7 +196,7 @@ class StageEngine:
         for name, w in zip(group, weights):
             rows = slice(row, row + w.shape[0])
             part = QuantResult(codes=result.codes[rows], scales=result.scales[:, rows], zeros=result.zeros[:, rows],
-                               g_idx=result.g_idx, loss=0.0, seconds=result.seconds)
+                               g_idx=result.g_idx.clone(), loss=0.0, seconds=result.seconds)
             part.loss = output_error(w, part.dequantize(), hessian)
             results[name] = part
             row += w.shape[0]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -38,7 +39,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
     del config.quantization_config
     config._attn_implementation = "sdpa"
     arch = get_architecture(config.model_type)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for i in range(config.num_hidden_layers):
         for name in arch.linear_names:

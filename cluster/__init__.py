@@ -1,0 +1,1 @@
+"""Ray orchestration of the quantizer: planning, stage actors, the driver and the CLI."""

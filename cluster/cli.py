@@ -1,0 +1,170 @@
+"""`rayquant`: quantize a Hugging Face causal LM with GPTQ on Ray, evaluate it, plan a split.
+
+  rayquant quantize                       # packaged SmolLM2-135M, shipped calibration text, local Ray
+  rayquant quantize --config job.yaml     # a job file; flags override its settings
+  rayquant eval --model out/smollm2-135m-gptq
+  rayquant plan --model /models/Qwen2-72B --memory-per-stage-gb 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from quantizer.errors import ConfigError
+
+log = logging.getLogger("rayquant")
+
+# flag dest → dotted job key
+_QUANTIZE_FLAGS = {
+    "model": "model", "calib": "calibration_file", "out": "output_dir", "overwrite": "overwrite",
+    "stages": "stages", "schedule": "schedule", "address": "ray_address",
+    "bits": "quant.bits", "group_size": "quant.group_size", "desc_act": "quant.desc_act", "sym": "quant.sym",
+    "damp_percent": "quant.damp_percent", "static_groups": "quant.static_groups",
+    "true_sequential": "quant.true_sequential", "method": "quant.method",
+    "pad_intermediate_to": "quant.pad_intermediate_to",
+    "num_samples": "calibration.num_samples", "max_len": "calibration.max_len",
+    "batch_size": "calibration.batch_size", "seed": "calibration.seed",
+    "cpus_per_stage": "resources.cpus_per_stage", "gpus_per_stage": "resources.gpus_per_stage",
+    "memory_per_stage_gb": "resources.memory_per_stage_gb", "max_restarts": "resources.max_restarts",
+}
+
+
+def _stages(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a checkpoint with GPTQ on Ray (local Ray unless --address)",
+                       description="Quantize a Hugging Face causal LM (Llama/Qwen2/Qwen3/Mistral) with GPTQ. "
+                       "Decoder layers are split into contiguous stages, one Ray actor each. With no arguments, "
+                       "quantizes the packaged SmolLM2-135M on the shipped Wikipedia calibration text. "
+                       "Rerunning the same command after a crash resumes from the finished layers.")
+    p.add_argument("--config", type=Path, help="YAML job file (see configs/); flags below override it")
+    p.add_argument("--model", help="float checkpoint dir, or 'default' (packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--calib", help="calibration file: Qwen conversation .json, .jsonl, or plain text")
+    p.add_argument("--out", help="output dir for the GPTQ checkpoint (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output dir")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run instead of resuming it")
+    g = p.add_argument_group("quantization")
+    g.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
+    g.add_argument("--group-size", type=int, help="-1, 32, 64, 128… (default 64: divides SmolLM2's 576)")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None, help="act-order")
+    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid (default on)")
+    g.add_argument("--damp-percent", type=float, help="Hessian dampening (default 0.01)")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--method", choices=["gptq", "rtn"], help="gptq (default) or the round-to-nearest baseline")
+    g.add_argument("--pad-intermediate-to", type=int, help="zero-pad the MLP width to a multiple (Qwen2-72B: 1024)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--num-samples", type=int, help="sequences (default 128)")
+    c.add_argument("--max-len", type=int, help="tokens per sequence at most (default 512)")
+    c.add_argument("--batch-size", type=int, help="sequences per activation batch (default 8)")
+    c.add_argument("--seed", type=int)
+    r = p.add_argument_group("cluster")
+    r.add_argument("--stages", type=_stages, help="stage actors, or 'auto' (default): fewest that fit")
+    r.add_argument("--schedule", choices=["sequential", "pipelined"], help="default sequential (exact)")
+    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
+    r.add_argument("--cpus-per-stage", type=int)
+    r.add_argument("--gpus-per-stage", type=float)
+    r.add_argument("--memory-per-stage-gb", type=float, help="planning budget per stage")
+    r.add_argument("--max-restarts", type=int, help="times a dead stage actor is replaced (default 2)")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a float or GPTQ checkpoint on a text file",
+                       description="Perplexity (exp of mean next-token NLL) over fixed windows of a text file.")
+    p.add_argument("--model", required=True, help="checkpoint dir (float, or GPTQ written by rayquant/GPTQModel)")
+    p.add_argument("--data", help="text file (default: the shipped Wikipedia evaluation text)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-windows", type=int, default=32, help="windows at most (default 32)")
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="print the stage split for a checkpoint without loading weights")
+    p.add_argument("--config", type=Path, help="YAML job file")
+    p.add_argument("--model", help="checkpoint dir, or 'default'")
+    p.add_argument("--stages", type=_stages)
+    p.add_argument("--memory-per-stage-gb", type=float)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayquant", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_plan(sub)
+    from serving.cli import add_serving_commands
+
+    add_serving_commands(sub)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, dest) for dest, key in _QUANTIZE_FLAGS.items() if getattr(args, dest, None) is not None}
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from cluster.driver import Driver
+    from cluster.job import load_job
+
+    report = Driver(load_job(args.config, _overrides(args)), restart=args.restart).run()
+    print(json.dumps({"output_dir": report["output_dir"], "wall_seconds": round(report["wall_seconds"], 1),
+                      "stages": len(report["stages"])}))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from quantizer.calibration import default_eval_file
+    from quantizer.evaluation import perplexity
+    from quantizer.loading import load_model
+
+    torch.manual_seed(0)
+    model = load_model(Path(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = Path(args.data) if args.data else default_eval_file()
+    ppl = perplexity(model, tokenizer, data, args.window, args.max_windows)
+    print(json.dumps({"model": args.model, "data": str(data), "perplexity": round(ppl, 4)}))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from cluster.driver import default_budget, resolve_model
+    from cluster.job import load_job
+    from cluster.plan import describe, model_sizes, plan_stages
+    from quantizer.layer_builder import padded_intermediate
+    from quantizer.model_io import CheckpointReader
+
+    job = load_job(args.config, _overrides(args))
+    reader = CheckpointReader(resolve_model(job.model))
+    tokens = job.calibration.batch_size * job.calibration.max_len
+    intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
+    sizes = model_sizes(reader, tokens, job.resources.max_inflight_chunks, intermediate)
+    print(describe(plan_stages(sizes, job.stages, default_budget(job))))
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serving.cli import SERVING_COMMANDS
+
+    try:
+        {**COMMANDS, **SERVING_COMMANDS}[args.command](args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

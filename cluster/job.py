@@ -1,0 +1,111 @@
+"""The quantization job file (YAML): typed sections, unknown keys rejected, CLI flags override."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantizer.calibration import CalibrationConfig
+from quantizer.config import QuantConfig
+from quantizer.errors import ConfigError
+
+SCHEDULES = ("sequential", "pipelined")
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    gpus_per_stage: float = 0  # 1 on GPU clusters: one stage actor per GPU
+    cpus_per_stage: int = 1  # CPU cores (and torch threads) per stage actor
+    memory_per_stage_gb: float = 0  # planning budget per stage; 0 = the GPU's memory, or host RAM / stages
+    max_restarts: int = 2  # times Ray replaces a dead stage actor; the stage then resumes from its layers
+    max_inflight_chunks: int = 4  # activation batches in flight between two stages (backpressure)
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_stage < 1:
+            raise ConfigError("resources.cpus_per_stage must be at least 1")
+        if self.gpus_per_stage < 0 or self.memory_per_stage_gb < 0 or self.max_restarts < 0:
+            raise ConfigError("resources.gpus_per_stage, memory_per_stage_gb and max_restarts must be ≥ 0")
+        if self.max_inflight_chunks < 1:
+            raise ConfigError("resources.max_inflight_chunks must be at least 1")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: str = "default"  # checkpoint dir, or "default" for the packaged SmolLM2-135M
+    calibration_file: str = "default"  # .json (Qwen conversations), .jsonl or text; "default" = shipped wiki text
+    output_dir: str = "out/smollm2-135m-gptq"
+    overwrite: bool = False  # replace an existing output dir
+    stages: int | str = "auto"  # number of stage actors, or "auto" (fewest that fit the memory budget)
+    schedule: str = "sequential"  # "sequential" (exact GPTQ) or "pipelined" (all stages at once, float inputs)
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray started by this program
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(group_size=64))
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
+        if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
+            raise ConfigError(f"stages must be a positive integer or 'auto', got {self.stages!r}")
+
+    def settings_hash(self) -> str:
+        """Hash of everything that changes the output; a resumed run must match it."""
+        relevant = {
+            "model": str(Path(self.model).resolve()) if self.model != "default" else "default",
+            "calibration_file": self.calibration_file,
+            "quant": dataclasses.asdict(self.quant),
+            "calibration": dataclasses.asdict(self.calibration),
+            "schedule": self.schedule,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECTIONS = {"quant": QuantConfig, "calibration": CalibrationConfig, "resources": ResourceConfig}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def job_from_dict(values: dict[str, Any]) -> JobConfig:
+    values = dict(values)
+    for key, cls in _SECTIONS.items():
+        if key in values:
+            values[key] = _build(cls, values[key], key)
+    return _build(JobConfig, values, "the job file")
+
+
+def load_job(path: Path | None, overrides: dict[str, Any]) -> JobConfig:
+    """YAML job file (optional) with flat CLI overrides such as {"quant.bits": 3, "output_dir": "x"}."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"job file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"job file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"job file {path} must hold a mapping of settings")
+    for dotted, value in overrides.items():
+        section, _, key = dotted.rpartition(".")
+        target = values.setdefault(section, {}) if section else values
+        target[key] = value
+    values.setdefault("quant", {}).setdefault("group_size", 64)
+    return job_from_dict(values)

@@ -1,0 +1,1 @@
+"""Serving GPTQ checkpoints over gRPC on Ray Serve."""
