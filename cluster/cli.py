@@ -1,7 +1,8 @@
 """`rayquant`: quantize a Hugging Face causal LM with GPTQ on Ray, evaluate it, plan a split.
 
-  rayquant quantize                       # packaged SmolLM2-135M, shipped calibration text, local Ray
-  rayquant quantize --config job.yaml     # a job file; flags override its settings
+  rayquant quantize --config configs/default.yaml   # packaged SmolLM2-135M, shipped text, local Ray
+  rayquant quantize --model DIR --out DIR --bits 4 --group-size 128 --desc-act
+  rayquant quantize --config job.yaml --stages 8    # a job file; flags override its settings
   rayquant eval --model out/smollm2-135m-gptq
   rayquant plan --model /models/Qwen2-72B --memory-per-stage-gb 80
 """
@@ -40,8 +41,9 @@ def _stages(value: str) -> int | str:
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint with GPTQ on Ray (local Ray unless --address)",
                        description="Quantize a Hugging Face causal LM (Llama/Qwen2/Qwen3/Mistral) with GPTQ. "
-                       "Decoder layers are split into contiguous stages, one Ray actor each. With no arguments, "
-                       "quantizes the packaged SmolLM2-135M on the shipped Wikipedia calibration text. "
+                       "Decoder layers are split into contiguous stages, one Ray actor each. Without --model, "
+                       "quantizes the packaged SmolLM2-135M on the shipped Wikipedia calibration text "
+                       "(configs/default.yaml holds the settings for it). "
                        "Rerunning the same command after a crash resumes from the finished layers.")
     p.add_argument("--config", type=Path, help="YAML job file (see configs/); flags below override it")
     p.add_argument("--model", help="float checkpoint dir, or 'default' (packaged SmolLM2-135M-Instruct)")
@@ -51,7 +53,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--restart", action="store_true", help="discard an unfinished run instead of resuming it")
     g = p.add_argument_group("quantization")
     g.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
-    g.add_argument("--group-size", type=int, help="-1, 32, 64, 128… (default 64: divides SmolLM2's 576)")
+    g.add_argument("--group-size", type=int, help="-1, 32, 64, 128… (default 128; SmolLM2 needs 64 or 32)")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None, help="act-order")
     g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid (default on)")
     g.add_argument("--damp-percent", type=float, help="Hessian dampening (default 0.01)")

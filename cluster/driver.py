@@ -89,6 +89,18 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, ConfigError) else exc
 
 
+def _wait_until_restarted(actor, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            ray.get(actor.pid.remote(), timeout=60)
+            return
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 class Driver:
     def __init__(self, job: JobConfig, restart: bool = False) -> None:
         self.job, self.restart = job, restart
@@ -103,41 +115,23 @@ class Driver:
         tokens_per_batch = max(b.input_ids.numel() for b in self.batches)
         sizes = model_sizes(self.reader, tokens_per_batch, job.resources.max_inflight_chunks, self.intermediate)
         self.plans: list[StagePlan] = plan_stages(sizes, job.stages, default_budget(job))
+        self.actors: list = []
         log.info("%s", describe(self.plans))
 
     def run(self) -> dict[str, Any]:
         job, started = self.job, time.time()
-        out_dir = Path(job.output_dir)
-        partial = prepare_output(out_dir, job.overwrite)
-        split = [[p.layers.start, p.layers.stop] for p in self.plans] if job.schedule == "pipelined" else None
-        settings = job.settings_hash() if split is None else f"{job.settings_hash()}-{split}"
-        work, done = open_work_dir(partial, settings, self.restart)
-        if done:
-            log.info("resuming: %d of %d layers already quantized in %s", len(done), self.reader.num_layers, work)
-        cpus = job.resources.cpus_per_stage
+        cpus = job.resources.cpus_per_stage or max(1, (os.cpu_count() or 1) // len(self.plans))
         owns_ray = connect_ray(job.ray_address, cpus * len(self.plans))
         try:
-            actors = [
-                StageWorker.options(num_cpus=cpus, num_gpus=job.resources.gpus_per_stage,
-                                    max_restarts=job.resources.max_restarts, max_task_retries=0).remote(
-                    p.index, str(self.model_dir.resolve()), p.layers, job.quant, str(work),
-                    p.index == 0, p.index == len(self.plans) - 1, cpus)
-                for p in self.plans
-            ]
-            progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
-            token_refs = [ray.put(b) for b in self.batches]
-            try:
-                if job.schedule == "sequential":
-                    self._sequential(actors, token_refs, progress)
-                else:
-                    self._pipelined(actors, token_refs, progress)
-                for old in partial.glob("model-*.safetensors"):
-                    old.unlink()
-                shards = ray.get([a.write_shard.remote(str(partial), shard_name(k, len(actors)))
-                                  for k, a in enumerate(actors)])
-                stats = ray.get([a.stats.remote() for a in actors])
-            except ray.exceptions.RayError as exc:
-                raise _unwrap(exc) from exc
+            out_dir = Path(job.output_dir)
+            partial = prepare_output(out_dir, job.overwrite)
+            split = [[p.layers.start, p.layers.stop] for p in self.plans] if job.schedule == "pipelined" else None
+            settings = job.settings_hash() if split is None else f"{job.settings_hash()}-{split}"
+            work, done = open_work_dir(partial, settings, self.restart)
+            if done:
+                log.info("resuming: %d of %d layers already quantized in %s", len(done), self.reader.num_layers,
+                         work)
+            progress, shards, stats = self._quantize_all(partial, work, cpus)
         finally:
             if owns_ray:
                 ray.shutdown()
@@ -149,6 +143,35 @@ class Driver:
         publish(partial, out_dir)
         log.info("wrote %s in %.1f s", out_dir, report["wall_seconds"])
         return report
+
+    def _quantize_all(self, partial: Path, work: Path, cpus: int) -> tuple[list[StageProgress], list, list]:
+        """Start the stage actors, run the schedule, and have each stage write its shard."""
+        job = self.job
+        self.actors = [
+            StageWorker.options(num_cpus=cpus, num_gpus=job.resources.gpus_per_stage,
+                                max_restarts=job.resources.max_restarts, max_task_retries=0).remote(
+                p.index, str(self.model_dir.resolve()), p.layers, job.quant, str(work),
+                p.index == 0, p.index == len(self.plans) - 1, cpus)
+            for p in self.plans
+        ]
+        progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
+        token_refs = [ray.put(b) for b in self.batches]
+        try:
+            if job.schedule == "sequential":
+                self._sequential(self.actors, token_refs, progress)
+            else:
+                self._pipelined(self.actors, token_refs, progress)
+            for old in partial.glob("model-*.safetensors"):
+                old.unlink()
+            shards = ray.get([a.write_shard.remote(str(partial), shard_name(k, len(self.actors)))
+                              for k, a in enumerate(self.actors)])
+            stats = ray.get([a.stats.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:
+            raise _unwrap(exc) from exc
+        finally:
+            for actor in self.actors:
+                ray.kill(actor)
+        return progress, shards, stats
 
     def _run_stage(self, actor, inputs: list, progress: StageProgress, emit: bool) -> list:
         """Quantize one stage (and fetch its outputs); if its actor dies, Ray restarts it and it resumes."""
@@ -168,7 +191,7 @@ class Driver:
                     raise
                 restarts -= 1
                 log.warning("stage %d actor died; waiting for Ray to restart it, then resuming", progress.stage)
-                ray.get(actor.pid.remote())
+                _wait_until_restarted(actor)
 
     def _sequential(self, actors: list, token_refs: list, progress: list[StageProgress]) -> None:
         """Exact GPTQ: stage k+1 calibrates on the outputs of stage k's quantized layers."""

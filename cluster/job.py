@@ -21,14 +21,14 @@ SCHEDULES = ("sequential", "pipelined")
 @dataclass(frozen=True)
 class ResourceConfig:
     gpus_per_stage: float = 0  # 1 on GPU clusters: one stage actor per GPU
-    cpus_per_stage: int = 1  # CPU cores (and torch threads) per stage actor
+    cpus_per_stage: int = 0  # CPU cores (= torch threads) per stage actor; 0 = this machine's cores / stages
     memory_per_stage_gb: float = 0  # planning budget per stage; 0 = the GPU's memory, or host RAM / stages
     max_restarts: int = 2  # times Ray replaces a dead stage actor; the stage then resumes from its layers
     max_inflight_chunks: int = 4  # activation batches in flight between two stages (backpressure)
 
     def __post_init__(self) -> None:
-        if self.cpus_per_stage < 1:
-            raise ConfigError("resources.cpus_per_stage must be at least 1")
+        if self.cpus_per_stage < 0:
+            raise ConfigError("resources.cpus_per_stage must be ≥ 0 (0 = cores / stages)")
         if self.gpus_per_stage < 0 or self.memory_per_stage_gb < 0 or self.max_restarts < 0:
             raise ConfigError("resources.gpus_per_stage, memory_per_stage_gb and max_restarts must be ≥ 0")
         if self.max_inflight_chunks < 1:
@@ -44,7 +44,7 @@ class JobConfig:
     stages: int | str = "auto"  # number of stage actors, or "auto" (fewest that fit the memory budget)
     schedule: str = "sequential"  # "sequential" (exact GPTQ) or "pipelined" (all stages at once, float inputs)
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray started by this program
-    quant: QuantConfig = field(default_factory=lambda: QuantConfig(group_size=64))
+    quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
 
@@ -106,6 +106,7 @@ def load_job(path: Path | None, overrides: dict[str, Any]) -> JobConfig:
     for dotted, value in overrides.items():
         section, _, key = dotted.rpartition(".")
         target = values.setdefault(section, {}) if section else values
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section} must be a mapping")
         target[key] = value
-    values.setdefault("quant", {}).setdefault("group_size", 64)
     return job_from_dict(values)

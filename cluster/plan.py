@@ -13,6 +13,10 @@ from quantizer.model_io import CheckpointReader
 GB = 1024**3
 
 
+def human(nbytes: float) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= GB / 10 else f"{nbytes / 1024**2:.1f} MB"
+
+
 @dataclass(frozen=True)
 class StagePlan:
     index: int
@@ -59,8 +63,9 @@ def _stage_cost(sizes: ModelSizes, start: int, stop: int, n_layers: int) -> int:
     return cost
 
 
-def _balanced_split(sizes: ModelSizes, stages: int) -> list[range]:
-    """Contiguous split into `stages` parts minimizing the largest stage (linear-partition DP)."""
+def _balanced_split(sizes: ModelSizes, stages: int, by_memory: bool) -> list[range]:
+    """Contiguous split into `stages` parts minimizing the largest stage (linear-partition DP): by layer
+    bytes alone (compute time) or by memory (layers + embeddings/head on the end stages)."""
     n = len(sizes.layer_bytes)
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(stages + 1)]  # best[k][j]: first j layers in k stages
@@ -69,7 +74,8 @@ def _balanced_split(sizes: ModelSizes, stages: int) -> list[range]:
     for k in range(1, stages + 1):
         for j in range(k, n + 1):
             for i in range(k - 1, j):
-                cost = max(best[k - 1][i], _stage_cost(sizes, i, j, n))
+                part = _stage_cost(sizes, i, j, n) if by_memory else sum(sizes.layer_bytes[i:j])
+                cost = max(best[k - 1][i], part)
                 if cost < best[k][j]:
                     best[k][j], cut[k][j] = cost, i
     bounds, j = [], n
@@ -81,33 +87,37 @@ def _balanced_split(sizes: ModelSizes, stages: int) -> list[range]:
 
 
 def plan_stages(sizes: ModelSizes, stages: int | str, budget_bytes: int) -> list[StagePlan]:
-    """Contiguous layer ranges per stage; `stages="auto"` picks the fewest stages that fit `budget_bytes`."""
+    """Contiguous layer ranges per stage; `stages="auto"` picks the fewest stages that fit `budget_bytes`.
+
+    Stages get equal shares of layer bytes (equal work) when that fits; otherwise the split that
+    minimizes the largest stage's memory."""
     n = len(sizes.layer_bytes)
     candidates = range(1, n + 1) if stages == "auto" else [int(stages)]
     if stages != "auto" and not 1 <= int(stages) <= n:
         raise ConfigError(f"stages={stages} is invalid: the model has {n} decoder layers")
     for count in candidates:
-        split = _balanced_split(sizes, count)
-        plans = [StagePlan(k, r, _stage_cost(sizes, r.start, r.stop, n) - sizes.workspace, sizes.workspace)
-                 for k, r in enumerate(split)]
-        if max(p.total_bytes for p in plans) <= budget_bytes:
-            return plans
+        for by_memory in (False, True):
+            split = _balanced_split(sizes, count, by_memory)
+            plans = [StagePlan(k, r, _stage_cost(sizes, r.start, r.stop, n) - sizes.workspace, sizes.workspace)
+                     for k, r in enumerate(split)]
+            if max(p.total_bytes for p in plans) <= budget_bytes:
+                return plans
     worst = max(p.total_bytes for p in plans)
     if stages == "auto":
         raise ConfigError(
-            f"no split fits {budget_bytes / GB:.1f} GB per stage: even one layer per stage needs "
-            f"{worst / GB:.1f} GB; use devices with more memory"
+            f"no split fits {human(budget_bytes)} per stage: even one layer per stage needs "
+            f"{human(worst)}; use devices with more memory"
         )
     smallest = _fewest_stages(sizes, worst, budget_bytes, n)
     raise ConfigError(
-        f"{stages} stages do not fit: the largest stage needs {worst / GB:.1f} GB but each stage has "
-        f"{budget_bytes / GB:.1f} GB; {smallest}"
+        f"{stages} stages do not fit: the largest stage needs {human(worst)} but each stage has "
+        f"{human(budget_bytes)}; {smallest}"
     )
 
 
 def _fewest_stages(sizes: ModelSizes, worst: int, budget: int, n: int) -> str:
     for count in range(1, n + 1):
-        split = _balanced_split(sizes, count)
+        split = _balanced_split(sizes, count, by_memory=True)
         if max(_stage_cost(sizes, r.start, r.stop, n) for r in split) <= budget:
             return f"use at least {count} stages (GPUs) of this size"
     return "the model does not fit even with one layer per stage; use devices with more memory"
@@ -117,6 +127,6 @@ def describe(plans: list[StagePlan]) -> str:
     lines = [f"plan: {len(plans)} stage(s)"]
     for p in plans:
         lines.append(f"  stage {p.index}: layers {p.layers.start}-{p.layers.stop - 1} "
-                     f"({len(p.layers)} layers), weights {p.weight_bytes / GB:.2f} GB + "
-                     f"workspace {p.workspace_bytes / GB:.2f} GB = {p.total_bytes / GB:.2f} GB")
+                     f"({len(p.layers)} layers), weights {human(p.weight_bytes)} + "
+                     f"workspace {human(p.workspace_bytes)} = {human(p.total_bytes)}")
     return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The Ray pipeline on a local cluster: stage splits agree bit for bit, pipelined stages overlap,
+killed actors and killed drivers resume to the same output, bad resumes are refused."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster.driver import Driver
+from cluster.job import load_job
+from cluster.resume import WORK_DIR_NAME, open_work_dir
+from quantizer.errors import ConfigError
+
+SMALL = {"calibration.num_samples": 24, "calibration.max_len": 64, "calibration.batch_size": 4,
+         "quant.group_size": 32, "quant.desc_act": True, "resources.cpus_per_stage": 1}
+
+
+def run_job(model: Path, out: Path, **overrides) -> dict:
+    return Driver(load_job(None, {**SMALL, "model": str(model), "output_dir": str(out), **overrides})).run()
+
+
+def checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("model-*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def one_stage(tiny_llama, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("runs") / "one-stage"
+    report = run_job(tiny_llama, out, stages=1)
+    return out, report
+
+
+def test_three_stages_equal_one_stage_bit_for_bit(tiny_llama, one_stage, tmp_path):
+    out1, report1 = one_stage
+    report3 = run_job(tiny_llama, tmp_path / "three", stages=3)
+    assert_same_tensors(out1, tmp_path / "three")
+    assert [s["layers"] for s in report3["stages"]] == [[0, 1], [1, 2], [2, 4]]
+    assert sorted(p.name for p in (tmp_path / "three").glob("model-*")) == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert report3["transfer_bytes"] > 0 and all(s["peak_rss_mb"] > 0 for s in report3["stages"])
+    assert not (tmp_path / ".three.partial").exists()
+
+
+def test_pipelined_stages_work_at_the_same_time(tiny_llama, one_stage, tmp_path):
+    from transformers import AutoTokenizer
+
+    from quantizer.calibration import default_eval_file
+    from quantizer.evaluation import perplexity
+    from quantizer.loading import load_model
+
+    report = run_job(tiny_llama, tmp_path / "pipe", stages=2, schedule="pipelined")
+    s0, s1 = report["stages"]
+    assert s1["started"] < s0["finished"] and s0["started"] < s1["finished"]  # busy at once
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    ppl = {name: perplexity(load_model(path), tokenizer, default_eval_file(), window=128, max_windows=4)
+           for name, path in (("sequential", one_stage[0]), ("pipelined", tmp_path / "pipe"))}
+    assert ppl["pipelined"] == pytest.approx(ppl["sequential"], rel=0.05)
+
+
+def test_killed_stage_actor_is_replaced_and_output_unchanged(tiny_llama, one_stage, tmp_path):
+    import ray
+
+    job = load_job(None, {**SMALL, "model": str(tiny_llama), "output_dir": str(tmp_path / "killed"), "stages": 2})
+    driver = Driver(job)
+    layers_dir = tmp_path / ".killed.partial" / WORK_DIR_NAME / "layers"
+    killed = []
+
+    def kill_stage_one():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if len(list(layers_dir.glob("layer_*.safetensors"))) >= 3:  # stage 1 has begun its layers
+                ray.kill(driver.actors[1], no_restart=False)
+                killed.append(time.time())
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_stage_one)
+    watcher.start()
+    driver.run()
+    watcher.join()
+    assert killed, "the job finished before the stage actor could be killed"
+    assert_same_tensors(one_stage[0], tmp_path / "killed")
+
+
+def test_killed_driver_resumes_with_the_same_command(tiny_llama, one_stage, tmp_path):
+    out = tmp_path / "resumed"
+    args = [sys.executable, "-m", "cluster.cli", "quantize", "--model", str(tiny_llama), "--out", str(out),
+            "--num-samples", "24", "--max-len", "64", "--batch-size", "4", "--group-size", "32", "--desc-act",
+            "--cpus-per-stage", "1", "--stages", "2"]
+    layers_dir = tmp_path / ".resumed.partial" / WORK_DIR_NAME / "layers"
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(layers_dir.glob("layer_*.safetensors"))) < 2:
+        assert proc.poll() is None, "the driver exited before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = sorted(p.name for p in layers_dir.glob("layer_*.safetensors"))
+    assert 2 <= len(finished_before) < 4 and not out.exists()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming: " in done.stderr
+    assert_same_tensors(one_stage[0], out)
+
+
+def test_resume_with_changed_settings_is_refused_and_keeps_work(tiny_llama, tmp_path, ray_local):
+    partial = tmp_path / ".changed.partial"
+    work, _ = open_work_dir(partial, "0123456789abcdef", restart=False)
+    marker = work / "layers" / "layer_00000.safetensors"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_bytes(b"finished work")
+    with pytest.raises(ConfigError, match="different settings"):
+        run_job(tiny_llama, tmp_path / "changed", stages=1)
+    assert marker.read_bytes() == b"finished work"
+
+
+def test_plan_that_cannot_fit_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(ConfigError, match="1 stages do not fit.*use at least 2 stages"):
+        run_job(tiny_llama, tmp_path / "nofit", stages=1, **{"resources.memory_per_stage_gb": 0.018})
+    assert not (tmp_path / "nofit").exists() and not (tmp_path / ".nofit.partial").exists()
+
+
+def test_qwen2_with_biases_and_padded_mlp(tiny_qwen2, tmp_path, ray_local):
+    from transformers import AutoTokenizer
+
+    from quantizer.loading import load_model
+
+    out = tmp_path / "qwen2"
+    run_job(tiny_qwen2, out, stages=2, **{"quant.pad_intermediate_to": 384, "quant.bits": 8})
+    tensors = checkpoint_tensors(out)
+    assert tensors["model.layers.0.mlp.down_proj.g_idx"].shape == (384,)
+    assert tensors["model.layers.0.self_attn.q_proj.bias"].dtype == torch.float16
+    float_model = load_model(tiny_qwen2)
+    quant_model = load_model(out)
+    assert quant_model.config.intermediate_size == 384
+    ids = AutoTokenizer.from_pretrained(tiny_qwen2)("Padding keeps the outputs", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        a, b = float_model(ids).logits, quant_model(ids).logits
+    assert float((a - b).norm() / a.norm()) < 0.02  # 8-bit, padded MLP: outputs essentially unchanged

@@ -1,0 +1,31 @@
+"""Small seeded decoder checkpoints written as real safetensors dirs with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from quantizer.assets import default_model_dir
+
+
+def write_tiny_model(path: Path, model_type: str = "llama", layers: int = 4, hidden: int = 128,
+                     intermediate: int = 256, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """A `model_type` causal LM (4 heads, 2 KV heads) with random weights, saved like a hub checkpoint."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger-than-init weights so that layers change the residual stream visibly
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
