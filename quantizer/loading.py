@@ -18,9 +18,14 @@ from quantizer.layer_builder import set_submodule
 from quantizer.qlinear import QuantLinear
 
 
-def is_quantized(model_dir: Path) -> bool:
+def quantization_config(model_dir: Path) -> dict:
+    """The checkpoint's `quantization_config` ({} for a float checkpoint)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return bool(config.get("quantization_config"))
+    return config.get("quantization_config") or {}
+
+
+def is_quantized(model_dir: Path) -> bool:
+    return bool(quantization_config(model_dir))
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -1,9 +1,87 @@
-"""Serving subcommands of the `rayquant` CLI (registered by cluster.cli)."""
+"""Serving subcommands of the `rayquant` CLI: `serve` (start the gRPC server) and `generate` (a client)."""
 
 from __future__ import annotations
 
-SERVING_COMMANDS: dict = {}
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("rayquant")
 
 
 def add_serving_commands(sub) -> None:
-    """No serving commands yet."""
+    p = sub.add_parser("serve", help="serve a checkpoint over gRPC with Ray Serve (blocks until stopped)",
+                       description="Start Ray Serve with a gRPC ingress (rayquant.v1.Generation and "
+                       "grpc.health.v1.Health) and GET /healthz over HTTP. Local Ray unless --address.")
+    p.add_argument("--config", type=Path, required=True, help="serve config YAML (see configs/serve.yaml)")
+    p.add_argument("--model", help="override the config's checkpoint dir")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    g = sub.add_parser("generate", help="send one request to a running server",
+                       description="Call Generate (or GenerateStream with --stream) on HOST:PORT.")
+    g.add_argument("--address", default="localhost:9000", help="gRPC HOST:PORT (default localhost:9000)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--stream", action="store_true", help="print text as it is decoded")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 = greedy (default 1.0)")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from cluster.driver import connect_ray
+    from serving.config import GRPC_SERVICER_FUNCTIONS, load_serve_config
+    from serving.deployment import build_app
+
+    config = load_serve_config(args.config, {"model": args.model} if args.model else None)
+    config.check_model()
+    connect_ray(args.address, 1)
+    serve.start(http_options={"host": "0.0.0.0", "port": config.http_port},
+                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    log.info("serving %s: gRPC on :%d, GET /healthz on :%d (Ctrl-C stops)", config.model, config.grpc_port,
+             config.http_port)
+    try:
+        serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import grpc
+
+    from serving.client import GenerationClient
+
+    sampling = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                  "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}.items()
+                if v is not None}
+    client = GenerationClient(args.address)
+    try:
+        if args.stream:
+            for chunk in client.stream(args.prompt, stop=args.stop, **sampling):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                if chunk.finish_reason:
+                    sys.stdout.write(f"\n[finish_reason={chunk.finish_reason} "
+                                     f"completion_tokens={chunk.usage.completion_tokens}]\n")
+        else:
+            r = client.generate(args.prompt, stop=args.stop, **sampling)
+            print(json.dumps({"text": r.text, "finish_reason": r.finish_reason,
+                              "prompt_tokens": r.usage.prompt_tokens,
+                              "completion_tokens": r.usage.completion_tokens}))
+    except grpc.RpcError as exc:
+        from quantizer.errors import ConfigError
+
+        raise ConfigError(f"{exc.code().name}: {exc.details()}") from exc
+    finally:
+        client.close()
+
+
+SERVING_COMMANDS = {"serve": cmd_serve, "generate": cmd_generate}

@@ -1,0 +1,139 @@
+"""The Ray Serve application: one deployment that is both the gRPC ingress (Generation + grpc.health.v1)
+and an HTTP health route, decoding requests in batches.
+
+Batching: `@serve.batch` over a streaming handler. Requests that arrive within `batch_wait_timeout_s`
+are decoded together (one forward pass per token for the whole batch) and each request's stream ends
+as soon as it finishes. Unary and streaming calls share these batches. This is static batching: a
+request arriving mid-batch waits for the next one. We chose it over a continuous-batching loop because
+it is Serve's own mechanism (queueing, metrics and autoscaling signals work unchanged) and, on CPU
+replicas, a batch's decode time is dominated by per-step overheads that static batches already amortize.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+import grpc
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from protos.grpc.health.v1 import health_pb2
+from protos.rayquant.v1 import generation_pb2 as pb
+from serving.config import ServeConfig
+from serving.engine import GenerationEngine, InvalidRequest, PreparedRequest, SamplingParams, StepOutput
+
+log = logging.getLogger("ray.serve")
+
+_END = StopIteration  # Serve's marker for "this request's stream is over"
+
+
+def sampling_params(request: pb.GenerateRequest, max_new_tokens_limit: int) -> SamplingParams:
+    """Proto fields → SamplingParams, with defaults for the optional fields left unset."""
+    def get(name: str, default):
+        return getattr(request, name) if request.HasField(name) else default
+
+    return SamplingParams(max_new_tokens=get("max_new_tokens", min(128, max_new_tokens_limit)), temperature=get("temperature", 1.0),
+                          top_p=get("top_p", 1.0), top_k=get("top_k", 0), seed=get("seed", None),
+                          stop=tuple(request.stop))
+
+
+@serve.deployment
+class GenerationService:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = ServeConfig.from_dict(config)
+        self.config.check_model()
+        self.engine = GenerationEngine(self.config.model, self.config.kv_cache_dtype,
+                                       self.config.max_new_tokens_limit, self.config.max_context)
+        self._batched.set_max_batch_size(self.config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def _prepare(self, request: pb.GenerateRequest, context: RayServegRPCContext | None) -> PreparedRequest:
+        try:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            params = sampling_params(request, self.config.max_new_tokens_limit)
+            return self.engine.prepare(request.prompt, messages, params)
+        except InvalidRequest as exc:
+            if context is not None:
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(str(exc))
+            raise
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list[PreparedRequest]) -> AsyncIterator[list[Any]]:
+        steps = self.engine.stream(requests)
+        done = [False] * len(requests)
+        while not all(done):
+            step = await asyncio.to_thread(next, steps)  # decoding runs off the event loop
+            out: list[Any] = []
+            for i, item in enumerate(step):
+                if item is None or done[i]:
+                    out.append(_END)
+                else:
+                    out.append(item)
+                    done[i] = item.finish_reason is not None
+            yield out
+
+    async def _outputs(self, prepared: PreparedRequest) -> AsyncIterator[StepOutput]:
+        async for item in self._batched(prepared):
+            yield item
+            if item.finish_reason:
+                return
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: RayServegRPCContext | None = None) -> pb.GenerateResponse:
+        prepared = self._prepare(request, grpc_context)
+        text, tokens, last = [], [], None
+        async for out in self._outputs(prepared):
+            text.append(out.text)
+            tokens += out.token_ids
+            last = out
+        return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=last.finish_reason,
+                                   usage=pb.Usage(prompt_tokens=last.prompt_tokens,
+                                                  completion_tokens=last.completion_tokens))
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.GenerateChunk]:
+        prepared = self._prepare(request, grpc_context)
+        async for out in self._outputs(prepared):
+            chunk = pb.GenerateChunk(text=out.text, token_ids=out.token_ids)
+            if out.finish_reason:
+                chunk.finish_reason = out.finish_reason
+                chunk.usage.CopyFrom(pb.Usage(prompt_tokens=out.prompt_tokens,
+                                              completion_tokens=out.completion_tokens))
+            yield chunk
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest) -> pb.ModelInfoResponse:
+        qcfg = self.engine.quant_config
+        return pb.ModelInfoResponse(
+            model=str(self.config.model), quantized=bool(qcfg), bits=int(qcfg.get("bits", 0)),
+            group_size=int(qcfg.get("group_size", 0)), kv_cache_dtype=self.config.kv_cache_dtype,
+            max_context=self.engine.max_context, max_new_tokens_limit=self.config.max_new_tokens_limit)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1.Health/Check: SERVING once the model is loaded (the replica is up)."""
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        """HTTP: GET /healthz → {"status": "ok", ...}; other paths → 404."""
+        if request.url.path.rstrip("/").endswith("/healthz"):
+            return JSONResponse({"status": "ok", "model": str(self.config.model),
+                                 "kv_cache_dtype": self.config.kv_cache_dtype})
+        return JSONResponse({"error": "not found; the API is gRPC (rayquant.v1.Generation)"}, status_code=404)
+
+
+def build_app(config: ServeConfig):
+    """The Serve application for `config` (autoscaling and replica resources applied)."""
+    return GenerationService.options(
+        autoscaling_config=config.autoscaling, ray_actor_options=config.ray_actor_options,
+        max_ongoing_requests=max(4 * config.max_batch_size, 16),
+    ).bind({f.name: getattr(config, f.name) for f in config.__dataclass_fields__.values()})
+
+
+def app_builder(args: dict[str, Any]):
+    """Import path for `serve run` / `serve deploy` / KubeRay serveConfigV2:
+    `import_path: serving.deployment:app_builder` with the serve config keys as `args`."""
+    return build_app(ServeConfig.from_dict(args))

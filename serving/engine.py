@@ -1,0 +1,183 @@
+"""Batched autoregressive generation with a KV cache, on a float or GPTQ checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoTokenizer
+
+from quantizer.loading import load_model, quantization_config
+from serving.kv_cache import KV_CACHE_DTYPES, make_cache
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class PreparedRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class StepOutput:
+    text: str  # text added by this step (may be empty while a stop string could still match)
+    token_ids: list[int]
+    finish_reason: str | None = None  # "length", "stop" or "eos" on the last step
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _RowState:
+    request: PreparedRequest
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text already sent
+    finished: bool = False
+
+
+class GenerationEngine:
+    def __init__(self, model_dir: Path, kv_cache_dtype: str = "fp16", max_new_tokens_limit: int = 512,
+                 max_context: int = 0, device: str = "cpu") -> None:
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is unknown; use one of {KV_CACHE_DTYPES}")
+        self.model_dir = Path(model_dir)
+        self.model = load_model(self.model_dir, torch.float32, device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.max_context = max_context or int(self.model.config.max_position_embeddings)
+        self.quant_config = quantization_config(self.model_dir)
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
+        self.device = torch.device(device)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def prepare(self, prompt: str, messages: list[dict[str, str]], params: SamplingParams) -> PreparedRequest:
+        """Validate and tokenize a request; raises InvalidRequest naming the problem."""
+        if messages:
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not prompt or not prompt.strip():
+            raise InvalidRequest("the prompt is empty: send a non-empty `prompt` or `messages`")
+        if not 1 <= params.max_new_tokens <= self.max_new_tokens_limit:
+            raise InvalidRequest(f"max_new_tokens must be between 1 and {self.max_new_tokens_limit}, "
+                                 f"got {params.max_new_tokens}")
+        if params.temperature < 0:
+            raise InvalidRequest(f"temperature must be ≥ 0 (0 = greedy), got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.top_k < 0:
+            raise InvalidRequest(f"top_k must be ≥ 0 (0 = off), got {params.top_k}")
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        if len(ids) + params.max_new_tokens > self.max_context:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds the "
+                f"context of {self.max_context} tokens: shorten the prompt or lower max_new_tokens")
+        return PreparedRequest(ids, params)
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def stream(self, requests: list[PreparedRequest]) -> Iterator[list[StepOutput | None]]:
+        """Decode a batch together. Each step yields one entry per request: its new output, or None once
+        that request has finished (its final StepOutput carries finish_reason)."""
+        rows = [_RowState(r, torch.Generator().manual_seed(r.params.seed if r.params.seed is not None
+                                                          else int.from_bytes(os.urandom(8), "little") >> 1))
+                for r in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(requests):  # left padding: every row's last prompt token is at the end
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = make_cache(self.kv_cache_dtype)
+        self.last_cache = cache
+        with torch.inference_mode():
+            while True:
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=positions.to(self.device), past_key_values=cache,
+                                    use_cache=True).logits[:, -1].float().cpu()
+                step: list[StepOutput | None] = []
+                next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long)
+                for i, row in enumerate(rows):
+                    if row.finished:
+                        step.append(None)
+                        continue
+                    token = self._sample(logits[i], row)
+                    next_ids[i] = token
+                    step.append(self._advance(row, token))
+                yield step
+                if all(row.finished for row in rows):
+                    return
+                ids = next_ids.unsqueeze(1)
+                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+                positions = positions[:, -1:] + 1
+
+    def generate(self, request: PreparedRequest) -> StepOutput:
+        """The whole completion of one request."""
+        text, tokens, last = "", [], None
+        for (out,) in self.stream([request]):
+            if out is not None:
+                text, tokens, last = text + out.text, tokens + out.token_ids, out
+        return StepOutput(text, tokens, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    def _sample(self, logits: torch.Tensor, row: _RowState) -> int:
+        p = row.request.params
+        if p.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=row.generator))
+
+    def _advance(self, row: _RowState, token: int) -> StepOutput:
+        p = row.request.params
+        reason = None
+        if token in self.eos_ids:
+            reason = "eos"
+        else:
+            row.tokens.append(token)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        hits = [text.find(s) for s in p.stop if s and s in text]
+        if hits:
+            text, reason = text[: min(hits)], "stop"
+        elif reason is None and len(row.tokens) >= p.max_new_tokens:
+            reason = "length"
+        if reason is None:
+            hold = max((len(s) - 1 for s in p.stop), default=0)  # a stop string may still be forming
+            safe = len(text) - hold
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next token
+                safe = min(safe, len(text) - 1)
+            delta = text[row.emitted:max(safe, row.emitted)]
+        else:
+            delta = text[row.emitted:]
+            row.finished = True
+        row.emitted += len(delta)
+        new_tokens = [] if token in self.eos_ids else [token]
+        return StepOutput(delta, new_tokens, reason, len(row.request.prompt_ids), len(row.tokens))

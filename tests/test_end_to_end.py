@@ -1,0 +1,27 @@
+"""The README's main job on the real default model: GPTQ beats round-to-nearest in perplexity."""
+
+import json
+
+import pytest
+
+from cluster.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _ppl(model, capsys) -> float:
+    assert main(["eval", "--model", str(model), "--max-windows", "6"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+
+
+def test_default_job_gptq_beats_rtn(tmp_path, default_model, capsys):
+    common = ["--config", "configs/default.yaml", "--num-samples", "64", "--bits", "3"]
+    assert main(["quantize", *common, "--out", str(tmp_path / "gptq")]) == 0
+    assert main(["quantize", *common, "--method", "rtn", "--out", str(tmp_path / "rtn")]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "gptq" / "quantize_report.json").read_text())
+    assert len(report["stages"][0]["layer_reports"]) == 30
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 3 and config["quantization_config"]["desc_act"] is True
+    ppl_float, ppl_gptq, ppl_rtn = (_ppl(m, capsys) for m in (default_model, tmp_path / "gptq", tmp_path / "rtn"))
+    assert ppl_float < ppl_gptq < ppl_rtn

@@ -1,0 +1,149 @@
+"""The gRPC server on real Ray Serve over loopback, called by a real gRPC client."""
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from serving.client import GenerationClient
+from serving.config import GRPC_SERVICER_FUNCTIONS, ServeConfig
+from serving.engine import GenerationEngine, SamplingParams
+from tests.test_pipeline import run_job
+
+PROMPTS = ["The history of the Royal Navy", "Quantization reduces", "In 1776,"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny(tiny_llama, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("serve") / "tiny-gptq"
+    run_job(tiny_llama, out, stages=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(quantized_tiny, ray_local):
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from serving.deployment import build_app
+
+    config = ServeConfig(model=str(quantized_tiny), kv_cache_dtype="int8", max_new_tokens_limit=64,
+                         max_batch_size=8, grpc_port=_free_port(), http_port=_free_port(),
+                         autoscaling={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8})
+    serve.start(http_options={"host": "127.0.0.1", "port": config.http_port},
+                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    client = GenerationClient(f"127.0.0.1:{config.grpc_port}")
+    deadline = time.time() + 120
+    while True:
+        try:
+            if client.healthy():
+                break
+        except grpc.RpcError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    yield config, client
+    client.close()
+    serve.shutdown()
+
+
+def test_unary_stream_and_engine_agree_on_greedy_text(server, quantized_tiny):
+    config, client = server
+    engine = GenerationEngine(quantized_tiny, kv_cache_dtype="int8")
+    for prompt in PROMPTS:
+        unary = client.generate(prompt, max_new_tokens=16, temperature=0)
+        chunks = list(client.stream(prompt, max_new_tokens=16, temperature=0))
+        direct = engine.generate(engine.prepare(prompt, [], SamplingParams(max_new_tokens=16, temperature=0)))
+        assert unary.text == "".join(c.text for c in chunks) == direct.text
+        assert list(unary.token_ids) == [t for c in chunks for t in c.token_ids] == direct.token_ids
+        assert unary.finish_reason == chunks[-1].finish_reason == direct.finish_reason
+        assert unary.usage.completion_tokens == chunks[-1].usage.completion_tokens == len(direct.token_ids)
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    _, client = server
+    full = client.generate(PROMPTS[0], max_new_tokens=24, temperature=0)
+    stop = full.text[5:8]
+    cut = client.generate(PROMPTS[0], max_new_tokens=24, temperature=0, stop=[stop])
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    a = client.generate(PROMPTS[1], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    b = client.generate(PROMPTS[1], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    assert a.text == b.text
+
+
+def test_model_info_health_and_http_route(server):
+    config, client = server
+    info = client.model_info()
+    assert info.quantized and info.bits == 4 and info.kv_cache_dtype == "int8" and info.max_new_tokens_limit == 64
+    assert client.healthy()
+    body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{config.http_port}/healthz", timeout=30).read())
+    assert body["status"] == "ok"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens must be between 1 and 64"),
+    ({"prompt": "hi", "max_new_tokens": 65}, "max_new_tokens must be between 1 and 64"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature must be ≥ 0"),
+    ({"prompt": "hi", "top_p": 0.0}, "top_p must be in (0, 1]"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"prompt": "word " * 1100, "max_new_tokens": 8}, "exceeds the context of 1024 tokens"),
+])
+def test_bad_requests_get_invalid_argument(server, kwargs, message):
+    _, client = server
+    for call in (client.generate, lambda **k: list(client.stream(**k))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(**kwargs)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.details()
+    assert client.generate("still answering", max_new_tokens=2, temperature=0).usage.completion_tokens >= 1
+
+
+def test_client_disconnecting_mid_stream_does_not_break_the_server(server):
+    _, client = server
+    stream = client.stream(PROMPTS[0], max_new_tokens=60, temperature=0)
+    next(stream)
+    stream.cancel()
+    time.sleep(0.5)
+    assert client.generate(PROMPTS[2], max_new_tokens=4, temperature=0).finish_reason in ("length", "eos")
+
+
+def test_32_concurrent_clients_500_requests(server):
+    config, _ = server
+    failures, done = [], []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        client = GenerationClient(f"127.0.0.1:{config.grpc_port}")
+        try:
+            for i in range(16):
+                try:
+                    prompt = PROMPTS[(n + i) % len(PROMPTS)]
+                    if i % 4 == 0:
+                        text = "".join(c.text for c in client.stream(prompt, max_new_tokens=4, temperature=0))
+                    else:
+                        text = client.generate(prompt, max_new_tokens=4, temperature=0).text
+                    with lock:
+                        done.append(text)
+                except grpc.RpcError as exc:
+                    with lock:
+                        failures.append(f"{exc.code()}: {exc.details()}")
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(worker, range(32)))
+    assert not failures, failures[:3]
+    assert len(done) == 512
