@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,13 +82,8 @@ class CheckpointReader:
             path = self.model_dir / name
             if not path.is_file():
                 raise ConfigError(f"shard {path} is listed in the index but missing; re-download the checkpoint")
-            try:
-                with safe_open(path, framework="pt") as f:
-                    for key in f.keys():
-                        sl = f.get_slice(key)
-                        tensors[key] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype())
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise ConfigError(f"shard {path} is unreadable ({exc}); re-download or re-convert it") from exc
+            for key, (shape, dtype) in read_safetensors_header(path).items():
+                tensors[key] = TensorInfo(name, shape, dtype)
         return tensors
 
     @property
@@ -130,3 +126,16 @@ class CheckpointReader:
         if self.arch.lm_head + ".weight" in self.tensors:
             return self.load([self.arch.lm_head + ".weight"])[self.arch.lm_head + ".weight"]
         return self.load([self.arch.embed + ".weight"])[self.arch.embed + ".weight"]  # tied embeddings
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name → (shape, dtype) from a safetensors header (u64 length + JSON), reading no tensor data."""
+    try:
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            if length > 100 * 1024**2:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+        return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, struct.error, TypeError) as exc:
+        raise ConfigError(f"shard {path} is unreadable ({exc}); re-download or re-convert it") from exc

@@ -29,6 +29,8 @@ class ServeConfig:
     max_context: int = 0  # prompt + completion tokens at most; 0 = the model's max_position_embeddings
     max_batch_size: int = 8  # requests decoded together (@serve.batch)
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when the replica has a GPU)
+    cache_dequantized_weights: bool = True  # keep dequantized weights (fast, float-sized); False for big models
     grpc_port: int = 9000
     http_port: int = 8000  # GET /healthz answers here
     app_name: str = "rayquant"
@@ -39,6 +41,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is unknown; use one of {KV_CACHE_DTYPES}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
         if self.max_new_tokens_limit < 1 or self.max_batch_size < 1 or self.max_context < 0:
             raise ConfigError("max_new_tokens_limit and max_batch_size must be ≥ 1, max_context ≥ 0")
         unknown = set(self.autoscaling) - AUTOSCALING_KEYS

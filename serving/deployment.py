@@ -47,7 +47,8 @@ class GenerationService:
         self.config = ServeConfig.from_dict(config)
         self.config.check_model()
         self.engine = GenerationEngine(self.config.model, self.config.kv_cache_dtype,
-                                       self.config.max_new_tokens_limit, self.config.max_context)
+                                       self.config.max_new_tokens_limit, self.config.max_context,
+                                       self.config.device, self.config.cache_dequantized_weights)
         self._batched.set_max_batch_size(self.config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 

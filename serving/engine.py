@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from quantizer.loading import load_model, quantization_config
+from quantizer.qlinear import QuantLinear
 from serving.kv_cache import KV_CACHE_DTYPES, make_cache
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,17 @@ class _RowState:
 
 class GenerationEngine:
     def __init__(self, model_dir: Path, kv_cache_dtype: str = "fp16", max_new_tokens_limit: int = 512,
-                 max_context: int = 0, device: str = "cpu") -> None:
+                 max_context: int = 0, device: str = "auto", cache_dequantized_weights: bool = True) -> None:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is unknown; use one of {KV_CACHE_DTYPES}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_dir = Path(model_dir)
-        self.model = load_model(self.model_dir, torch.float32, device)
+        # float32 on CPU (fast kernels there), float16 on GPU
+        self.model = load_model(self.model_dir, torch.float32 if device == "cpu" else torch.float16, device)
+        for module in self.model.modules():
+            if isinstance(module, QuantLinear):
+                module.cache_weight = cache_dequantized_weights
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.kv_cache_dtype = kv_cache_dtype
         self.max_new_tokens_limit = max_new_tokens_limit

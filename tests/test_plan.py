@@ -1,9 +1,6 @@
 """Stage planning from sizes only: balance, fit, refusal with the needed GPU count."""
 
-import json
-
 import pytest
-from safetensors.torch import save_file
 
 from cluster.plan import GB, ModelSizes, model_sizes, plan_stages
 from quantizer.errors import ConfigError
@@ -35,15 +32,18 @@ def test_refuses_a_plan_that_cannot_fit_and_says_what_fits():
         plan_stages(sizes, "auto", budget_bytes=GB // 2)
 
 
-def write_synthetic_qwen2_72b(path):
-    """config.json + a header-only index for Qwen2-72B: shapes and dtypes, tiny placeholder shards."""
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192,
-              "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
-              "num_key_value_heads": 8, "vocab_size": 152064, "max_position_embeddings": 32768,
-              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    return path, config
+def test_qwen2_72b_sizes_from_a_header_only_checkpoint(tmp_path):
+    from tests.synthetic_checkpoint import QWEN2_72B, write_header_only_checkpoint
+
+    reader = CheckpointReader(write_header_only_checkpoint(tmp_path / "qwen2-72b", QWEN2_72B))
+    sizes = model_sizes(reader, tokens_per_batch=4 * 2048, inflight=4, intermediate=29696)
+    assert sum(sizes.layer_bytes) / GB == pytest.approx(130.8, abs=0.1)  # 877.7M params × 2 B per layer
+    assert sizes.first_extra == sizes.last_extra - 8192 * 2 == 152064 * 8192 * 2
+    plans = plan_stages(sizes, 8, budget_bytes=80 * GB)
+    assert [len(p.layers) for p in plans] == [10] * 8
+    assert max(p.total_bytes for p in plans) < 40 * GB
+    with pytest.raises(ConfigError, match="needs 150.00 GB .* use at least 3 stages"):
+        plan_stages(sizes, 1, budget_bytes=80 * GB)
 
 
 def test_model_sizes_from_headers(tiny_llama):

@@ -1,0 +1,105 @@
+"""Every KubeRay manifest validates against the real CRD schemas; what it references exists and passes
+rayquant's own validation; the 72B job's resources fit the plan. Broken variants are caught."""
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from cluster.plan import GB, model_sizes, plan_stages
+from quantizer.layer_builder import padded_intermediate
+from quantizer.model_io import CheckpointReader
+from tests.k8s_checks import (REPO, broken, check_entrypoint, check_serve_config, cluster_spec, gpu_workers,
+                              load_manifest, validate_crd)
+
+MANIFESTS = sorted(p for p in (REPO / "k8s").rglob("*.yaml") if p.name != "pvc.yaml")
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_manifest_is_valid(path: Path):
+    manifest = load_manifest(path)
+    validate_crd(manifest)
+    assert cluster_spec(manifest)["rayVersion"] == __import__("ray").__version__
+    workers = gpu_workers(manifest)
+    if manifest["kind"] == "RayJob":
+        job = check_entrypoint(manifest["spec"]["entrypoint"])
+        assert manifest["spec"]["shutdownAfterJobFinishes"] and manifest["spec"]["backoffLimit"] >= 1
+        if job.resources.gpus_per_stage:
+            assert sum(pods * gpus for pods, gpus in workers) >= job.stages * job.resources.gpus_per_stage
+    if manifest["kind"] == "RayService":
+        (args,) = check_serve_config(manifest["spec"]["serveConfigV2"])
+        assert args["kv_cache_dtype"] == "int8"
+        assert args["autoscaling"]["max_replicas"] > args["autoscaling"]["min_replicas"] >= 1
+        gpus = args["ray_actor_options"].get("num_gpus", 0)
+        assert bool(gpus) == bool(workers), "replicas ask for GPUs that no worker group has (or the reverse)"
+        ports = {p["port"] for p in manifest["spec"]["serveService"]["spec"]["ports"]}
+        assert 9000 in ports
+
+
+def test_72b_job_resources_fit_the_plan(tmp_path):
+    from tests.synthetic_checkpoint import QWEN2_72B, write_header_only_checkpoint
+
+    manifest = load_manifest(REPO / "k8s" / "rayjob-quantize-72b.yaml")
+    job = check_entrypoint(manifest["spec"]["entrypoint"])
+    assert (job.stages, job.quant.bits, job.quant.group_size) == (8, 4, 128)
+    reader = CheckpointReader(write_header_only_checkpoint(tmp_path / "Qwen2-72B", QWEN2_72B))
+    intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
+    assert intermediate == 29696 and intermediate // 8 % 128 == 0  # splits over 8 GPUs in g128 groups
+    sizes = model_sizes(reader, job.calibration.batch_size * job.calibration.max_len,
+                        job.resources.max_inflight_chunks, intermediate)
+    plans = plan_stages(sizes, job.stages, int(job.resources.memory_per_stage_gb * GB))
+    assert len(plans) == 8 == sum(pods * gpus for pods, gpus in gpu_workers(manifest))
+    (group,) = cluster_spec(manifest)["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["cpu"]) >= job.resources.cpus_per_stage
+    assert max(p.total_bytes for p in plans) <= 80 * GB  # each stage fits one 80 GB GPU
+    activations = 128 * 2048 * 8192 * 2  # calibration activations at one layer boundary, bf16
+    object_store = int(group["rayStartParams"]["object-store-memory"])
+    assert object_store >= 2 * activations  # a layer's inputs and outputs
+    assert int(limits["memory"].removesuffix("Gi")) * GB > object_store
+
+
+def _raycluster():
+    return load_manifest(REPO / "k8s" / "raycluster.yaml")
+
+
+def test_unknown_field_is_caught():
+    bad = broken(_raycluster(), lambda m: m["spec"]["workerGroupSpecs"][0].update(replica=8))
+    with pytest.raises(jsonschema.ValidationError, match="'replica' was unexpected"):
+        validate_crd(bad)
+
+
+def test_wrong_type_is_caught():
+    bad = broken(_raycluster(), lambda m: m["spec"]["workerGroupSpecs"][0].update(replicas="eight"))
+    with pytest.raises(jsonschema.ValidationError, match="'eight' is not of type 'integer'"):
+        validate_crd(bad)
+
+
+def test_missing_gpu_resource_is_caught():
+    def drop_gpu(m):
+        for key in ("requests", "limits"):
+            del m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][key]["nvidia.com/gpu"]
+
+    bad = broken(_raycluster(), drop_gpu)
+    validate_crd(bad)  # schema-valid, yet Ray would be told about GPUs Kubernetes never gave
+    with pytest.raises(AssertionError, match="declares num-gpus=1 to Ray but requests nvidia.com/gpu=0"):
+        gpu_workers(bad)
+
+
+def test_bad_import_path_is_caught():
+    service = load_manifest(REPO / "k8s" / "rayservice-serve.yaml")
+    text = service["spec"]["serveConfigV2"].replace("serving.deployment:app_builder", "serving.deployment:app_buildr")
+    with pytest.raises(AttributeError, match="app_buildr"):
+        check_serve_config(text)
+
+
+def test_bad_serve_config_key_is_caught():
+    service = load_manifest(REPO / "k8s" / "rayservice-serve.yaml")
+    text = service["spec"]["serveConfigV2"].replace("kv_cache_dtype: int8", "kv_cache_type: int8")
+    with pytest.raises(Exception, match="kv_cache_type"):
+        check_serve_config(text)
+
+
+def test_missing_job_file_is_caught():
+    with pytest.raises(AssertionError, match="is not in the repository"):
+        check_entrypoint("rayquant quantize --config /home/ray/rayquant/configs/qwen2-27b.yaml")
