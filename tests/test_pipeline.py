@@ -153,3 +153,27 @@ def test_qwen2_with_biases_and_padded_mlp(tiny_qwen2, tmp_path, ray_local):
     with torch.inference_mode():
         a, b = float_model(ids).logits, quant_model(ids).logits
     assert float((a - b).norm() / a.norm()) < 0.02  # 8-bit, padded MLP: outputs essentially unchanged
+
+
+@pytest.mark.slow
+def test_driver_memory_does_not_grow_with_model_size(tiny_llama, tmp_path):
+    """The driver reads headers and token ids only: a model with ~13× the weights leaves its RSS flat."""
+    import json
+
+    from tests.tiny_models import write_tiny_model
+
+    wide = write_tiny_model(tmp_path / "wide", "llama", layers=4, hidden=1024, intermediate=4096)
+    peaks = {}
+    for name, model in (("tiny", tiny_llama), ("wide", wide)):
+        out = tmp_path / f"out-{name}"
+        args = [sys.executable, "-m", "cluster.cli", "quantize", "--model", str(model), "--out", str(out),
+                "--num-samples", "8", "--max-len", "32", "--group-size", "128", "--stages", "2"]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads((out / "quantize_report.json").read_text())
+        peaks[name] = (report["driver_peak_rss_mb"], max(s["peak_rss_mb"] for s in report["stages"]))
+    weights_mb = {n: sum(f.stat().st_size for f in m.glob("*.safetensors")) / 2**20
+                  for n, m in (("tiny", tiny_llama), ("wide", wide))}
+    assert weights_mb["wide"] - weights_mb["tiny"] > 200
+    assert peaks["wide"][0] - peaks["tiny"][0] < 40  # driver: flat
+    assert peaks["wide"][1] - peaks["tiny"][1] > 40  # stages: they do hold the (larger) layers

@@ -1,0 +1,44 @@
+"""`ray job submit --working-dir . -- rayquant quantize …` against a `ray start --head` cluster."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(tiny_llama, tmp_path):
+    gcs, dashboard = _port(), _port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
+                    "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    try:
+        out = tmp_path / "out"
+        cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+               "--", "rayquant", "quantize", "--model", str(tiny_llama), "--out", str(out), "--num-samples", "8",
+               "--max-len", "32", "--group-size", "32", "--stages", "2"]
+        for _ in range(20):  # the job agent needs a few seconds after `ray start`
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in done.stdout + done.stderr:
+                break
+            time.sleep(3)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert "succeeded" in done.stdout + done.stderr
+        report = json.loads((out / "quantize_report.json").read_text())
+        assert len(report["stages"]) == 2
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
