@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quantizer.calibration import CalibrationConfig
 from quantizer.config import QuantConfig
 from quantizer.errors import ConfigError
+from quantizer.settings import build_settings, read_yaml_mapping
 
 SCHEDULES = ("sequential", "pipelined")
 
@@ -69,40 +68,17 @@ class JobConfig:
 _SECTIONS = {"quant": QuantConfig, "calibration": CalibrationConfig, "resources": ResourceConfig}
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
 def job_from_dict(values: dict[str, Any]) -> JobConfig:
     values = dict(values)
     for key, cls in _SECTIONS.items():
         if key in values:
-            values[key] = _build(cls, values[key], key)
-    return _build(JobConfig, values, "the job file")
+            values[key] = build_settings(cls, values[key], key)
+    return build_settings(JobConfig, values, "the job file")
 
 
 def load_job(path: Path | None, overrides: dict[str, Any]) -> JobConfig:
     """YAML job file (optional) with flat CLI overrides such as {"quant.bits": 3, "output_dir": "x"}."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"job file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"job file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"job file {path} must hold a mapping of settings")
+    values = read_yaml_mapping(path, "job file") if path is not None else {}
     for dotted, value in overrides.items():
         section, _, key = dotted.rpartition(".")
         target = values.setdefault(section, {}) if section else values

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,13 +75,6 @@ class QuantConfig:
             "quantizer": ["rayquant:0.1.0"],
         }
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown quantization key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**values)
 
 
 def _largest_dividing_group(in_features: int) -> int:

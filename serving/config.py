@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quantizer.errors import ConfigError
+from quantizer.settings import build_settings, read_yaml_mapping
 from serving.kv_cache import KV_CACHE_DTYPES
 
 GRPC_SERVICER_FUNCTIONS = [
@@ -60,23 +58,10 @@ class ServeConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ServeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown serve config key(s) {unknown}; valid keys: {sorted(known)}")
-        if "model" not in values:
+        if isinstance(values, dict) and "model" not in values:
             raise ConfigError("the serve config needs `model: <checkpoint dir>`")
-        return cls(**values)
+        return build_settings(cls, values, "the serve config")
 
 
 def load_serve_config(path: Path, overrides: dict[str, Any] | None = None) -> ServeConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"serve config {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"serve config {path} is not valid YAML: {exc}") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"serve config {path} must hold a mapping of settings")
-    return ServeConfig.from_dict({**values, **(overrides or {})})
+    return ServeConfig.from_dict({**read_yaml_mapping(path, "serve config"), **(overrides or {})})

@@ -37,10 +37,15 @@ def test_settings_hash_tracks_output_relevant_settings():
     assert base.settings_hash() != load_job(None, {"quant.bits": 3}).settings_hash()
 
 
-def test_shipped_job_files_validate():
+def test_shipped_config_files_validate():
     from pathlib import Path
 
+    from serving.config import load_serve_config
+
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert configs
+    assert {p.name for p in configs} >= {"default.yaml", "qwen2-72b.yaml", "serve.yaml"}
     for path in configs:
-        load_job(path, {})
+        if path.name.startswith("serve"):
+            assert load_serve_config(path).kv_cache_dtype == "int8"
+        else:
+            load_job(path, {})
