@@ -158,6 +158,7 @@ class Driver:
         progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
         token_refs = [ray.put(b) for b in self.batches]
         try:
+            ray.get([a.pid.remote() for a in self.actors])  # all stages up: start-up errors surface here
             if job.schedule == "sequential":
                 self._sequential(self.actors, token_refs, progress)
             else:
