@@ -235,5 +235,5 @@ class Driver:
             "quant": dataclasses.asdict(self.job.quant), "calibration": dataclasses.asdict(self.job.calibration),
             "calibration_tokens": sum(b.tokens for b in self.batches),
             "wall_seconds": time.time() - started, "driver_peak_rss_mb": peak_rss_mb(),
-            "transfer_bytes": sum(s["bytes_read"] for s in stats), "stages": stages,
+            "transfer_bytes": sum(s["bytes_emitted"] for s in stats), "stages": stages,
         }

@@ -81,6 +81,7 @@ class StageWorker:
             chunk = self.store.get(handle)
             self.bytes_emitted += chunk.nbytes
             yield chunk
+        self.engine.outputs = []  # the next stage holds them now
 
     def write_shard(self, directory: str, name: str) -> dict[str, Any]:
         """Write this stage's layers (+ embeddings / norm / head on the ends) as one shard."""
@@ -102,5 +103,7 @@ class StageWorker:
         return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
     def stats(self) -> dict[str, Any]:
+        """bytes_read: object-store reads (each layer pass re-reads its inputs); bytes_emitted: activations
+        handed to later stages."""
         return {"stage": self.index, "peak_rss_mb": peak_rss_mb(), "bytes_read": self.store.bytes_read,
                 "bytes_emitted": self.bytes_emitted, "device": self.device, "pid": os.getpid()}
