@@ -71,6 +71,7 @@ def build_quantized_layer(arch: Architecture, config: PretrainedConfig, index: i
         packed = PackedLinear(*(tensors[f"{name}.{k}"].to(device) for k in ("qweight", "qzeros", "scales", "g_idx")),
                               bits=qcfg.bits)
         bias = tensors.get(f"{name}.bias")
+        bias = None if bias is None else bias.to(device)
         set_submodule(layer, name, QuantLinear.from_packed(packed, qcfg.group_size, bias))
     rest = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()
             if not k.rpartition(".")[0] in arch.linear_names}

@@ -43,10 +43,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if (n * bits) % 32:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole 32-bit words")
     v = values.to(torch.int64)
-    offset = torch.arange(n, dtype=torch.int64) * bits  # bit position of each value
+    offset = torch.arange(n, dtype=torch.int64, device=v.device) * bits  # bit position of each value
     word = (offset // 32).unsqueeze(1).expand(n, m)
     shift = (offset % 32).unsqueeze(1)
-    words = torch.zeros(n * bits // 32 + 1, m, dtype=torch.int64)
+    words = torch.zeros(n * bits // 32 + 1, m, dtype=torch.int64, device=v.device)
     words.scatter_add_(0, word, (v << shift) & 0xFFFFFFFF)
     spill = (shift + bits > 32).expand(n, m)  # fields that cross into the next word (3-bit only)
     words.scatter_add_(0, word + 1, torch.where(spill, v >> (32 - shift), 0))
@@ -58,7 +58,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: int32 [n·bits/32, m] → int64 [n, m]."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.cat([words, torch.zeros_like(words[:1])])
-    offset = torch.arange(n, dtype=torch.int64) * bits
+    offset = torch.arange(n, dtype=torch.int64, device=words.device) * bits
     word = offset // 32
     shift = (offset % 32).unsqueeze(1)
     lo = words[word] >> shift

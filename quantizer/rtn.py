@@ -29,7 +29,7 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor |
         codes=codes.to(torch.uint8),
         scales=scale.half(),
         zeros=zero.to(torch.int32),
-        g_idx=(torch.arange(in_f) // group).to(torch.int32),
+        g_idx=(torch.arange(in_f, device=weight.device) // group).to(torch.int32),
         loss=0.0,
     )
     if hessian is not None:
