@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -59,7 +61,19 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.is_cuda and _triton_matmul() is not None and self.bits in (4, 8):
+            return _triton_matmul()(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, bias)
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+@functools.cache
+def _triton_matmul():
+    """The fused Triton kernel, or None where Triton is not installed (the torch path is used then)."""
+    try:
+        from quantizer.kernels.triton_gptq import gptq_matmul
+    except ImportError:
+        return None
+    return gptq_matmul
