@@ -29,6 +29,7 @@ from serving.engine import GenerationEngine, InvalidRequest, PreparedRequest, Sa
 log = logging.getLogger("ray.serve")
 
 _END = StopIteration  # Serve's marker for "this request's stream is over"
+_NO_OUTPUT = None  # a batch entry for a request that produced nothing at this step
 
 
 def sampling_params(request: pb.GenerateRequest, max_new_tokens_limit: int) -> SamplingParams:
@@ -77,12 +78,16 @@ class GenerationService:
                     out.append(item)
                     done[i] = item.finish_reason is not None
             yield out
+            finished_now = [i for i, item in enumerate(out) if isinstance(item, StepOutput) and item.finish_reason]
+            if finished_now and not all(done):
+                # End those streams now rather than one decode step later; the others get a placeholder.
+                yield [_END if done[i] else _NO_OUTPUT for i in range(len(requests))]
 
     async def _outputs(self, prepared: PreparedRequest) -> AsyncIterator[StepOutput]:
+        """This request's outputs, read to the end of its stream (so Serve's end marker is consumed)."""
         async for item in self._batched(prepared):
-            yield item
-            if item.finish_reason:
-                return
+            if item is not _NO_OUTPUT:
+                yield item
 
     async def Generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext | None = None) -> pb.GenerateResponse:
