@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 class LayerReport:
     layer: int
     losses: dict[str, float] = field(default_factory=dict)  # linear name → output MSE per token
+    cholesky_fallbacks: dict[str, str] = field(default_factory=dict)  # linear name → fallback used, if any
     seconds: float = 0.0
     resumed: bool = False
     started: float = 0.0  # wall-clock (time.time()) start and end, for timelines across stages
@@ -118,7 +119,7 @@ class StageEngine:
             saved = self.layer_store.load(index) if self.layer_store else None
             if saved is not None:
                 tensors, old = saved
-                report.losses, report.resumed = old.losses, True
+                report.losses, report.cholesky_fallbacks, report.resumed = old.losses, old.cholesky_fallbacks, True
             else:
                 tensors = self._quantize_layer(index, handles, report)
             layer = build_quantized_layer(self.arch, self.config, index, tensors, self.qcfg, self.dtype, self.device)
@@ -146,6 +147,8 @@ class StageEngine:
                     if module.bias is not None:
                         tensors[f"{name}.bias"] = module.bias.detach().half()
                     report.losses[name] = result.loss
+                    if result.cholesky_fallback:
+                        report.cholesky_fallbacks[name] = result.cholesky_fallback
         for name, param in layer.named_parameters():
             if name.rpartition(".")[0] not in self.arch.linear_names:
                 tensors[name] = param.detach().to(self.out_dtype)
@@ -196,7 +199,8 @@ class StageEngine:
         for name, w in zip(group, weights):
             rows = slice(row, row + w.shape[0])
             part = QuantResult(codes=result.codes[rows], scales=result.scales[:, rows], zeros=result.zeros[:, rows],
-                               g_idx=result.g_idx.clone(), loss=0.0, seconds=result.seconds)
+                               g_idx=result.g_idx.clone(), loss=0.0, seconds=result.seconds,
+                               cholesky_fallback=result.cholesky_fallback)
             part.loss = output_error(w, part.dequantize(), hessian)
             results[name] = part
             row += w.shape[0]

@@ -21,27 +21,24 @@ __all__ = ["gptq_quantize", "inverse_hessian_cholesky"]
 log = logging.getLogger(__name__)
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, [in, in] float32.
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, str]:
+    """Upper Cholesky factor of (H + λI)⁻¹, [in, in] float32, and which fallback was needed ("" if none).
 
     λ = damp_percent · mean(diag H). If float32 Cholesky fails (H ill-conditioned), retries in float64,
-    then with 10× more dampening, logging each fallback.
+    then with 10× more dampening each time; every fallback is logged and returned for the report.
     """
-    damp = damp_percent
-    for attempt in range(4):
-        h = hessian.clone()
+    ladder = [(torch.float32, damp_percent), (torch.float64, damp_percent)]
+    ladder += [(torch.float64, damp_percent * 10**k) for k in range(1, 10) if damp_percent * 10**k < 1]
+    fallback = ""
+    for dtype, damp in ladder:
+        h = hessian.to(dtype=dtype, copy=True)
         h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-        dtype = torch.float32 if attempt == 0 else torch.float64
         try:
-            lower = torch.linalg.cholesky(h.to(dtype))
-            hinv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(hinv, upper=True).float()
+            hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+            return torch.linalg.cholesky(hinv, upper=True).float(), fallback
         except torch.linalg.LinAlgError:
-            if attempt == 0:
-                log.warning("Cholesky of H failed in float32; retrying in float64")
-            else:
-                damp *= 10
-                log.warning("Cholesky of H failed; retrying with damp_percent=%.3g", damp)
+            fallback = "float64" + (f", damp_percent={damp * 10:.3g}" if dtype == torch.float64 else "")
+            log.warning("Cholesky of H failed (%s, damp_percent=%.3g); retrying", dtype, damp)
     raise RuntimeError("the Hessian is not positive definite even with heavy dampening; check the calibration data")
 
 
@@ -70,7 +67,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
         H = H[perm][:, perm]
     invperm = torch.argsort(perm)
 
-    Hinv = inverse_hessian_cholesky(H, cfg.damp_percent)
+    Hinv, fallback = inverse_hessian_cholesky(H, cfg.damp_percent)
+    perm_list = perm.tolist()  # host copy: the column loop below never waits on the device
     Q = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
     group_of_col = torch.zeros(in_f, dtype=torch.int64, device=W.device)  # in permuted order
     scales: list[torch.Tensor] = []
@@ -85,7 +83,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
         for i in range(i2 - i1):
             col = i1 + i
             if static_params:
-                gi = int(perm[col]) // group
+                gi = perm_list[col] // group
                 scale, zero = static_params[gi]
             elif col % group == 0:
                 # Dynamic groups take their grid from the already error-updated remaining weights.
@@ -112,6 +110,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
         zeros=torch.stack(zeros).to(torch.int32),
         g_idx=group_of_col[invperm].to(torch.int32),
         loss=0.0,
+        cholesky_fallback=fallback,
     )
     result.loss = output_error(weight, result.dequantize(), hessian)
     result.seconds = time.perf_counter() - start

@@ -15,6 +15,7 @@ class QuantResult:
     g_idx: torch.Tensor  # [in] int32 group of each input column
     loss: float  # mean squared output error per token, tr(ΔW·H·ΔWᵀ)/2 summed over rows
     seconds: float = 0.0
+    cholesky_fallback: str = ""  # set when H needed float64 or extra dampening (GPTQ only)
 
     def dequantize(self) -> torch.Tensor:
         """Reconstructed weight W_q: [out, in] float32."""

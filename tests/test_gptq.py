@@ -83,3 +83,12 @@ def test_hessian_masks_padding():
     kept = x[mask]
     assert acc.count == 8
     torch.testing.assert_close(acc.hessian(), 2 * kept.t() @ kept / 8)
+
+
+def test_ill_conditioned_hessian_falls_back_and_says_so():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8) @ torch.randn(8, 64)  # rank 8 of 64: H is singular
+    h = 2 * x.t() @ x / 64  # with almost no dampening, float32 round-off makes it indefinite
+    result = gptq_quantize(torch.randn(16, 64), h, QuantConfig(bits=4, group_size=32, damp_percent=1e-9))
+    assert result.cholesky_fallback.startswith("float64")
+    assert torch.isfinite(result.dequantize()).all()
