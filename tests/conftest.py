@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written into the home dir
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+# Triton kernels run on CPU tensors in its interpreter. Triton reads this once, when first imported
+# (GPTQModel imports it too), so it is set here, before any test module is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
