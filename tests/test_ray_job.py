@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,9 +25,11 @@ def test_ray_job_submit(tiny_llama, tmp_path):
     gcs, dashboard = _port(), _port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
-                    "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true"],
-                   check=True, env=env, capture_output=True, timeout=120)
+    temp_dir = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # its own session dir: other local Rays don't interfere
+    started = subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
+                              "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+                              "--temp-dir", temp_dir], env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
     try:
         out = tmp_path / "out"
         cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
@@ -42,3 +46,4 @@ def test_ray_job_submit(tiny_llama, tmp_path):
         assert len(report["stages"]) == 2
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
