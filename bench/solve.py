@@ -29,26 +29,11 @@ SETTINGS = [("4-bit g64 asym act-order", dict(bits=4, group_size=64, desc_act=Tr
 
 
 def smollm2_inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from quantizer.assets import default_model_dir
-    from quantizer.calibration import CalibrationConfig, default_calibration_file, tokenize_samples
+    from tests.layer_inputs import capture_layer_inputs
 
-    model_dir = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    layer = model.model.layers[3]
-    seen: dict[str, list[torch.Tensor]] = {"attn": [], "down": []}
-    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen["attn"].append(a[0][0])),
-             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen["down"].append(a[0][0]))]
-    with torch.inference_mode():
-        for s in tokenize_samples(default_calibration_file(), tokenizer, CalibrationConfig(num_samples=32)):
-            model(s.unsqueeze(0))
-    for h in hooks:
-        h.remove()
-    qkv = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])
-    return {"SmolLM2 q/k/v [960×576]": (qkv.detach().clone(), torch.cat(seen["attn"])),
-            "SmolLM2 down [576×1536]": (layer.mlp.down_proj.weight.detach().clone(), torch.cat(seen["down"]))}
+    captured = capture_layer_inputs(default_model_dir(), num_samples=32, max_len=512)
+    return {"SmolLM2 q/k/v [960×576]": captured["attn"], "SmolLM2 down [576×1536]": captured["down"]}
 
 
 def synthetic_inputs(n: int = 4096, tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

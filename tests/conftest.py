@@ -37,29 +37,10 @@ def tiny_qwen2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def captured_layer(default_model):
-    """Real inputs of SmolLM2 layer 3's attention and down projections on 16 calibration texts.
+    """Real inputs of SmolLM2 layer 3's attention and down projections on 16 calibration texts."""
+    from tests.layer_inputs import capture_layer_inputs
 
-    Returns {"attn": (W_qkv [1 536... , 576], X [tokens, 576]), "down": (W_down, X_mlp)}.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quantizer.calibration import CalibrationConfig, default_calibration_file, tokenize_samples
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model)
-    model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
-    samples = tokenize_samples(default_calibration_file(), tokenizer, CalibrationConfig(num_samples=16, max_len=256))
-    layer = model.model.layers[3]
-    seen: dict[str, list[torch.Tensor]] = {"attn": [], "down": []}
-    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen["attn"].append(a[0][0])),
-             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen["down"].append(a[0][0]))]
-    with torch.inference_mode():
-        for s in samples:
-            model(s.unsqueeze(0))
-    for h in hooks:
-        h.remove()
-    attn_w = torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])
-    return {"attn": (attn_w.detach().clone(), torch.cat(seen["attn"])),
-            "down": (layer.mlp.down_proj.weight.detach().clone(), torch.cat(seen["down"]))}
+    return capture_layer_inputs(default_model)
 
 
 @pytest.fixture(scope="module")
