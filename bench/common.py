@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.plots import save_plot
+
 log = logging.getLogger("bench")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,7 +28,7 @@ def run_cli(*args: str, timeout: int = 3600) -> tuple[str, float]:
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], meta: dict) -> None:
-    """bench/results/NAME.json (rows + meta) and NAME.md (a table)."""
+    """bench/results/NAME.json (rows + meta), NAME.md (a table) and NAME.png (see bench/plots.py)."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -34,6 +36,7 @@ def write_results(name: str, rows: list[dict], columns: list[str], meta: dict) -
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
     text = f"# {name}\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n" + "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(text)
+    save_plot(name, rows)
     log.info("\n%s", text)
 
 

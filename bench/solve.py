@@ -1,7 +1,8 @@
 """Per-layer GPTQ solve time and loss, ours vs GPTQModel's GPTQ class, on identical weights and inputs.
 
 Inputs: the real inputs of SmolLM2-135M layer 3 (q/k/v stacked [960, 576]; down_proj [576, 1536])
-on 32 calibration texts, and a synthetic 4096×4096 layer with correlated inputs. Both solvers get the
+on 32 calibration texts, and synthetic 7B-class layers with correlated inputs ([4096, 4096] as
+q/k/v/o, [11008, 4096] as up/gate). Both solvers get the
 same settings; time is the solve alone (median of --repeats), loss is the same output MSE per token,
 tr(ΔW H ΔWᵀ)/2, computed by us for both results.
 Usage: python -m bench.solve [--repeats 3]   (needs the interop extra: gptqmodel)
@@ -23,9 +24,11 @@ from quantizer.gptq import gptq_quantize
 from quantizer.hessian import HessianAccumulator
 from quantizer.result import output_error
 
-SETTINGS = [("4-bit g64 asym act-order", dict(bits=4, group_size=64, desc_act=True, sym=False)),
-            ("4-bit g128 sym", dict(bits=4, group_size=128, desc_act=False, sym=True)),
-            ("3-bit g64 asym act-order", dict(bits=3, group_size=64, desc_act=True, sym=False))]
+# (label, settings); "g" is replaced by the largest of 128/64 that divides the layer's input width
+SETTINGS = [("4-bit g asym act-order", dict(bits=4, desc_act=True, sym=False)),
+            ("4-bit g sym group-aware order", dict(bits=4, desc_act=False, act_group_aware=True, sym=True)),
+            ("4-bit g sym natural order", dict(bits=4, desc_act=False, act_group_aware=False, sym=True)),
+            ("3-bit g asym act-order", dict(bits=3, desc_act=True, sym=False))]
 
 
 def smollm2_inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -36,11 +39,12 @@ def smollm2_inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"SmolLM2 q/k/v [960×576]": captured["attn"], "SmolLM2 down [576×1536]": captured["down"]}
 
 
-def synthetic_inputs(n: int = 4096, tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_inputs(n: int = 4096, out: int = 4096, tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """W: [out, n] ~ N(0, 0.02²); X: [tokens, n] correlated, with input scales spread over 0.2–3."""
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(n, n, generator=g) / n**0.5
     x = (torch.randn(tokens, n, generator=g) @ mix) * torch.linspace(0.2, 3, n)
-    return torch.randn(n, n, generator=g) * 0.02, x
+    return torch.randn(out, n, generator=g) * 0.02, x
 
 
 def solve_ours(w, x, cfg: QuantConfig) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -74,10 +78,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     torch.set_num_threads(2)
-    layers = {**smollm2_inputs(), "synthetic [4096×4096]": synthetic_inputs()}
+    layers = {**smollm2_inputs(), "synthetic [4096×4096]": synthetic_inputs(),
+              "synthetic [11008×4096]": synthetic_inputs(out=11008)}
     rows = []
     for layer_name, (w, x) in layers.items():
+        group = 128 if w.shape[1] % 128 == 0 else 64
         for label, settings in SETTINGS:
+            label, settings = label.replace(" g ", f" g{group} "), {**settings, "group_size": group}
             ours = [solve_ours(w, x, QuantConfig(**settings)) for _ in range(args.repeats)]
             theirs = [solve_gptqmodel(w, x, settings) for _ in range(args.repeats)]
             h = ours[0][2]
@@ -91,7 +98,7 @@ def main() -> None:
             rows[-1]["loss_ratio"] = rows[-1]["ours_loss"] / rows[-1]["gptqmodel_loss"]
             write_results("solve", rows, ["layer", "setting", "ours_s", "gptqmodel_s", "speedup", "ours_loss",
                                           "gptqmodel_loss", "loss_ratio"],
-                          {"reference": "gptqmodel 7.6.0 GPTQ class (damp 0.01, same bits/group/act-order/sym)",
+                          {"reference": "gptqmodel 7.6.0 GPTQ class (damp 0.01, same bits/group/order/sym)",
                            "machine": "2 CPU cores, 2 torch threads", "repeats": args.repeats,
                            "loss": "output MSE per token, tr(ΔW H ΔWᵀ)/2"})
 

@@ -23,7 +23,8 @@ log = logging.getLogger("rayquant")
 _QUANTIZE_FLAGS = {
     "model": "model", "calib": "calibration_file", "out": "output_dir", "overwrite": "overwrite",
     "stages": "stages", "schedule": "schedule", "address": "ray_address",
-    "bits": "quant.bits", "group_size": "quant.group_size", "desc_act": "quant.desc_act", "sym": "quant.sym",
+    "bits": "quant.bits", "group_size": "quant.group_size", "desc_act": "quant.desc_act",
+    "act_group_aware": "quant.act_group_aware", "sym": "quant.sym",
     "damp_percent": "quant.damp_percent", "static_groups": "quant.static_groups",
     "true_sequential": "quant.true_sequential", "method": "quant.method",
     "pad_intermediate_to": "quant.pad_intermediate_to",
@@ -54,7 +55,11 @@ def _add_quantize(sub) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
     g.add_argument("--group-size", type=int, help="-1, 32, 64, 128… (default 128; SmolLM2 needs 64 or 32)")
-    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None, help="act-order")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="act-order: solve columns by decreasing Hessian diagonal (checkpoint gets a g_idx)")
+    g.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="without --desc-act: solve whole groups by their largest diagonal entry (default on; "
+                   "plain checkpoint layout)")
     g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid (default on)")
     g.add_argument("--damp-percent", type=float, help="Hessian dampening (default 0.01)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None)

@@ -15,6 +15,7 @@ class QuantConfig:
     bits: int = 4  # width of each integer code
     group_size: int = 128  # input columns sharing one scale/zero; -1 = one group per row
     desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
+    act_group_aware: bool = True  # without desc_act: solve whole groups by their largest diagonal entry
     sym: bool = True  # symmetric grid (zero fixed at 2^(bits-1)) or min-max asymmetric
     damp_percent: float = 0.01  # λ = damp_percent · mean(diag H) added to the diagonal
     static_groups: bool = False  # with desc_act: fix group scales from the unpermuted weight
@@ -69,10 +70,10 @@ class QuantConfig:
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
             "lm_head": False,
+            "meta": {"quantizer": ["rayquant:0.1.0"], "act_group_aware": self.act_group_aware and not self.desc_act},
             "checkpoint_format": "gptq",
             "method": "gptq",
             "format": "gptq",
-            "quantizer": ["rayquant:0.1.0"],
         }
 
 

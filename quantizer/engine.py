@@ -23,7 +23,7 @@ from quantizer.layer_builder import (
 )
 from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
-from quantizer.result import QuantResult, output_error
+from quantizer.result import QuantResult
 from quantizer.rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -193,15 +193,14 @@ class StageEngine:
         if self.qcfg.method == "gptq":
             result = gptq_quantize(stacked, hessian, self.qcfg)
         else:
-            result = rtn_quantize(stacked, self.qcfg)
+            result = rtn_quantize(stacked, self.qcfg, hessian)
         results: dict[str, QuantResult] = {}
         row = 0
         for name, w in zip(group, weights):
             rows = slice(row, row + w.shape[0])
             part = QuantResult(codes=result.codes[rows], scales=result.scales[:, rows], zeros=result.zeros[:, rows],
-                               g_idx=result.g_idx.clone(), loss=0.0, seconds=result.seconds,
-                               cholesky_fallback=result.cholesky_fallback)
-            part.loss = output_error(w, part.dequantize(), hessian)
+                               g_idx=result.g_idx.clone(), loss=float(result.row_losses[rows].sum()),
+                               seconds=result.seconds, cholesky_fallback=result.cholesky_fallback)
             results[name] = part
             row += w.shape[0]
         return results

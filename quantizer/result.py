@@ -16,16 +16,22 @@ class QuantResult:
     loss: float  # mean squared output error per token, tr(ΔW·H·ΔWᵀ)/2 summed over rows
     seconds: float = 0.0
     cholesky_fallback: str = ""  # set when H needed float64 or extra dampening (GPTQ only)
+    row_losses: torch.Tensor | None = None  # [out] each row's share of loss, when a Hessian was given
 
     def dequantize(self) -> torch.Tensor:
         """Reconstructed weight W_q: [out, in] float32."""
         g = self.g_idx.long()
-        scale = self.scales.float()[g].t()  # [out, in]
-        zero = self.zeros.float()[g].t()
-        return scale * (self.codes.float() - zero)
+        scale = self.scales.float().t().contiguous().index_select(1, g)  # [out, in]
+        zero = self.zeros.float().t().contiguous().index_select(1, g)
+        return (self.codes.float() - zero).mul_(scale)
 
 
 def output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
     """Σ_rows ΔW H ΔWᵀ / 2 with H = 2/n ΣXᵀX: the mean squared error of the layer's outputs per token."""
+    return float(row_output_errors(w, w_q, hessian).sum())
+
+
+def row_output_errors(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """[out]: each output's mean squared error per token, (ΔW H ΔWᵀ)_rr / 2, for w, w_q: [out, in]."""
     delta = (w.float() - w_q.float())
-    return float(((delta @ hessian) * delta).sum() / 2)
+    return ((delta @ hessian.float()) * delta).sum(1) / 2

@@ -8,7 +8,7 @@ import torch
 
 from quantizer.config import QuantConfig
 from quantizer.grid import grid_params, quantize_codes
-from quantizer.result import QuantResult, output_error
+from quantizer.result import QuantResult, row_output_errors
 
 
 def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | None = None) -> QuantResult:
@@ -33,6 +33,7 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor |
         loss=0.0,
     )
     if hessian is not None:
-        result.loss = output_error(w, result.dequantize(), hessian)
+        result.row_losses = row_output_errors(w, result.dequantize(), hessian)
+        result.loss = float(result.row_losses.sum())
     result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,128 @@
+"""PNG plots of the benchmark results (bench/results/NAME.png), drawn from the rows each benchmark writes.
+
+Every benchmark calls `save_plot` after writing its JSON; `python -m bench.plots` redraws all of them
+from the JSON files already in bench/results. Needs matplotlib (`pip install -e ".[bench]"`); without
+it the JSON and Markdown are still written and a warning says how to get the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench")
+RESULTS = Path(__file__).resolve().parent / "results"
+Rows = list[dict[str, Any]]
+
+
+def _quality(ax, rows: Rows) -> None:
+    labels = [r["setting"] for r in rows]
+    ax.barh(labels, [r["perplexity"] for r in rows], color=["tab:gray"] + ["tab:blue"] * (len(rows) - 1))
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity (lower is better)")
+    ax.set_title("SmolLM2-135M: perplexity by quantization setting")
+
+
+def _ppl_sweep(ax, rows: Rows) -> None:
+    float_ppl = next((r["perplexity"] for r in rows if r["method"] == "float"), None)
+    for method, style in (("GPTQ", "-o"), ("RTN", "--x")):
+        for group in sorted({r["group_size"] for r in rows if r["method"] == method}):
+            pts = sorted((r["bits"], r["perplexity"]) for r in rows if r["method"] == method and r["group_size"] == group)
+            label = f"{method} {'per row' if group == -1 else f'g{group}'}"
+            ax.plot([b for b, _ in pts], [p for _, p in pts], style, label=label)
+    if float_ppl is not None:
+        ax.axhline(float_ppl, color="black", linewidth=0.8, label=f"float ({float_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({r["bits"] for r in rows if r["method"] != "float"}))
+    ax.set_xlabel("bits")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("SmolLM2-135M: perplexity vs bits and group size")
+    ax.legend(fontsize=8)
+
+
+def _solve(ax, rows: Rows) -> None:
+    labels = [f"{r['layer']} · {r['setting']}" for r in rows]
+    bars = ax.barh(labels, [r["speedup"] for r in rows], color="tab:green")
+    for bar, row in zip(bars, rows):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" loss ×{row['loss_ratio']:.2f}",
+                va="center", fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("speedup over GPTQModel's GPTQ class (same inputs; loss ratio ours/theirs)")
+    ax.set_title("GPTQ solve: rayquant vs GPTQModel")
+
+
+def _pipeline(ax, rows: Rows) -> None:
+    labels = [f"{r['schedule']} {r['stages']} stage(s)" for r in rows]
+    ax.barh(labels, [r["wall_s"] for r in rows], color="tab:purple")
+    ax.invert_yaxis()
+    ax.set_xlabel("quantize wall time, s")
+    ax.set_title("Ray pipeline: schedules and stage counts")
+
+
+def _serving_decode(ax, rows: Rows) -> None:
+    labels = [f"{r['weights']} · KV {r['kv_cache']}" for r in rows]
+    ax.barh(labels, [r["tokens_per_s"] for r in rows], color="tab:orange")
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens/s, batch 1")
+    ax.set_title("Serving: decode speed")
+
+
+def _serving_batching(ax, rows: Rows) -> None:
+    ax.bar([str(r["max_batch_size"]) for r in rows], [r["requests_per_s"] for r in rows], color="tab:orange")
+    ax.set_xlabel("max_batch_size")
+    ax.set_ylabel("requests/s")
+    ax.set_title("Serving: throughput with batching")
+
+
+def _matmul(ax, rows: Rows) -> None:
+    labels = [f"{r['projection']} · {r['tokens']} tok" for r in rows]
+    ax.barh(labels, [r["int4_speedup"] for r in rows], color="tab:red")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("int4 kernel speedup over fp16 matmul")
+    ax.set_title("Dequant-matmul kernel vs fp16")
+
+
+PLOTS: dict[str, Callable[[Any, Rows], None]] = {
+    "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "pipeline": _pipeline,
+    "serving_decode": _serving_decode, "serving_batching": _serving_batching,
+    "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
+}
+
+
+def save_plot(name: str, rows: Rows) -> Path | None:
+    """Draw bench/results/NAME.png when a plot is defined for NAME; returns its path (None if not drawn)."""
+    if name not in PLOTS or not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed, so %s.png was not drawn: pip install -e \".[bench]\"", name)
+        return None
+    fig, ax = plt.subplots(figsize=(9, max(3.5, 0.35 * len(rows) + 1.5)))
+    PLOTS[name](ax, rows)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    for path in sorted(RESULTS.glob("*.json")):
+        drawn = save_plot(path.stem, json.loads(path.read_text())["rows"])
+        if drawn:
+            log.info("wrote %s", drawn)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
