@@ -42,7 +42,8 @@ def calibration() -> None:
 def evaluation() -> None:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
-    dump = package_dir("gensim") / "test" / "test_data" / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    dump = (package_dir("gensim") / "test" / "test_data"
+            / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     with bz2.open(dump) as f:
         articles = [filter_wiki(text) for _, text, _ in extract_pages(f) if text]
     text = "\n\n".join(a.strip() for a in articles if a.strip())

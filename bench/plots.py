@@ -30,7 +30,8 @@ def _ppl_sweep(ax, rows: Rows) -> None:
     float_ppl = next((r["perplexity"] for r in rows if r["method"] == "float"), None)
     for method, style in (("GPTQ", "-o"), ("RTN", "--x")):
         for group in sorted({r["group_size"] for r in rows if r["method"] == method}):
-            pts = sorted((r["bits"], r["perplexity"]) for r in rows if r["method"] == method and r["group_size"] == group)
+            pts = sorted((r["bits"], r["perplexity"]) for r in rows
+                         if r["method"] == method and r["group_size"] == group)
             label = f"{method} {'per row' if group == -1 else f'g{group}'}"
             ax.plot([b for b, _ in pts], [p for _, p in pts], style, label=label)
     if float_ppl is not None:
@@ -73,7 +74,8 @@ def _serving_decode(ax, rows: Rows) -> None:
 
 
 def _serving_batching(ax, rows: Rows) -> None:
-    ax.bar([str(r["max_batch_size"]) for r in rows], [r["requests_per_s"] for r in rows], color="tab:orange")
+    ax.bar(range(len(rows)), [r["requests_per_s"] for r in rows], color="tab:orange")
+    ax.set_xticks(range(len(rows)), [str(r["max_batch_size"]) for r in rows])
     ax.set_xlabel("max_batch_size")
     ax.set_ylabel("requests/s")
     ax.set_title("Serving: throughput with batching")
@@ -88,10 +90,18 @@ def _matmul(ax, rows: Rows) -> None:
     ax.set_title("Dequant-matmul kernel vs fp16")
 
 
+def _decode(ax, rows: Rows) -> None:
+    ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color="tab:red")
+    ax.set_xticks(range(len(rows)), [r["weights"] for r in rows])
+    ax.set_ylabel("decode tokens/s, batch 1")
+    ax.set_title("Qwen2-7B-shaped decode: fp16 vs int4")
+
+
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
+    "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode,
 }
 
 

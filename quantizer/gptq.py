@@ -71,14 +71,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
     start = time.perf_counter()
     W = weight.float().clone()
     H = hessian.float().clone()
-    out_f, in_f = W.shape
+    in_f = W.shape[1]
     group = in_f if cfg.group_size == -1 else cfg.group_size
 
     dead = torch.diag(H) == 0  # inputs that were always zero: any weight works, pick 0
     H[dead, dead] = 1
     W[:, dead] = 0
     static = cfg.static_groups or cfg.group_size == -1
-    static_params = [grid_params(W[:, g0:g0 + group], cfg.bits, cfg.sym) for g0 in range(0, in_f, group)] if static else []
+    static_params = [grid_params(W[:, g0:g0 + group], cfg.bits, cfg.sym)
+                     for g0 in range(0, in_f, group)] if static else []
 
     perm, group_order = column_order(torch.diag(H), cfg)
     if perm is not None:

@@ -74,7 +74,7 @@ def build_quantized_layer(arch: Architecture, config: PretrainedConfig, index: i
         bias = None if bias is None else bias.to(device)
         set_submodule(layer, name, QuantLinear.from_packed(packed, qcfg.group_size, bias))
     rest = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()
-            if not k.rpartition(".")[0] in arch.linear_names}
+            if k.rpartition(".")[0] not in arch.linear_names}
     layer.load_state_dict(rest, strict=False, assign=True)
     missing = [n for n, p in layer.named_parameters() if p.is_meta]
     if missing:

@@ -37,9 +37,9 @@ def sampling_params(request: pb.GenerateRequest, max_new_tokens_limit: int) -> S
     def get(name: str, default):
         return getattr(request, name) if request.HasField(name) else default
 
-    return SamplingParams(max_new_tokens=get("max_new_tokens", min(128, max_new_tokens_limit)), temperature=get("temperature", 1.0),
-                          top_p=get("top_p", 1.0), top_k=get("top_k", 0), seed=get("seed", None),
-                          stop=tuple(request.stop))
+    return SamplingParams(max_new_tokens=get("max_new_tokens", min(128, max_new_tokens_limit)),
+                          temperature=get("temperature", 1.0), top_p=get("top_p", 1.0), top_k=get("top_k", 0),
+                          seed=get("seed", None), stop=tuple(request.stop))
 
 
 @serve.deployment

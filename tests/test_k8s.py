@@ -77,8 +77,9 @@ def test_wrong_type_is_caught():
 
 def test_missing_gpu_resource_is_caught():
     def drop_gpu(m):
+        resources = m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
         for key in ("requests", "limits"):
-            del m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][key]["nvidia.com/gpu"]
+            del resources[key]["nvidia.com/gpu"]
 
     bad = broken(_raycluster(), drop_gpu)
     validate_crd(bad)  # schema-valid, yet Ray would be told about GPUs Kubernetes never gave
