@@ -98,7 +98,7 @@ def _decode(ax, rows: Rows) -> None:
 
 
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
-    "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "pipeline": _pipeline,
+    "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "solve_cuda": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
     "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode,

@@ -3,7 +3,7 @@ quantize wall time and peak memory, all through `rayquant quantize` (one stage, 
 
 Calibration: 128 shipped Wikipedia lead sections (≤ 512 tokens); evaluation: the shipped gensim
 Wikipedia text, 32 windows of 512 tokens — the setup of the GPTQModel figures in the README.
-Usage: python bench/quality.py [--windows 32]   (~25 min on 2 cores)
+Usage: python -m bench.quality [--windows 32]   (~30 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from bench.common import run_cli, write_results
 SETTINGS = [  # (label, flags)
     ("int8 g64 GPTQ", ["--bits", "8", "--group-size", "64", "--desc-act", "--no-sym"]),
     ("int4 g64 sym GPTQ", ["--bits", "4", "--group-size", "64", "--desc-act", "--sym"]),
+    ("int4 g64 sym GPTQ group-aware order", ["--bits", "4", "--group-size", "64", "--no-desc-act", "--sym"]),
+    ("int4 g64 sym GPTQ natural order", ["--bits", "4", "--group-size", "64", "--no-desc-act",
+                                         "--no-act-group-aware", "--sym"]),
     ("int4 g64 sym RTN", ["--bits", "4", "--group-size", "64", "--sym", "--method", "rtn"]),
     ("int4 g64 asym GPTQ", ["--bits", "4", "--group-size", "64", "--desc-act", "--no-sym"]),
     ("int4 g64 asym RTN", ["--bits", "4", "--group-size", "64", "--no-sym", "--method", "rtn"]),

@@ -5,7 +5,8 @@ on 32 calibration texts, and synthetic 7B-class layers with correlated inputs ([
 q/k/v/o, [11008, 4096] as up/gate). Both solvers get the
 same settings; time is the solve alone (median of --repeats), loss is the same output MSE per token,
 tr(ΔW H ΔWᵀ)/2, computed by us for both results.
-Usage: python -m bench.solve [--repeats 3]   (needs the interop extra: gptqmodel)
+Usage: python -m bench.solve [--repeats 3] [--device cuda]   (needs the interop extra: gptqmodel;
+results in solve.* on CPU, solve_cuda.* on a GPU)
 """
 
 from __future__ import annotations
@@ -39,55 +40,82 @@ def smollm2_inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"SmolLM2 q/k/v [960×576]": captured["attn"], "SmolLM2 down [576×1536]": captured["down"]}
 
 
-def synthetic_inputs(n: int = 4096, out: int = 4096, tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """W: [out, n] ~ N(0, 0.02²); X: [tokens, n] correlated, with input scales spread over 0.2–3."""
-    g = torch.Generator().manual_seed(0)
-    mix = torch.randn(n, n, generator=g) / n**0.5
-    x = (torch.randn(tokens, n, generator=g) @ mix) * torch.linspace(0.2, 3, n)
-    return torch.randn(out, n, generator=g) * 0.02, x
+def synthetic_inputs(n: int = 4096, out: int = 4096, tokens: int = 8192, device: str = "cpu"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """W: [out, n] ~ N(0, 0.02²); X: [tokens, n] correlated, with input scales spread over 0.2–3 (on `device`)."""
+    g = torch.Generator(device).manual_seed(0)
+    mix = torch.randn(n, n, generator=g, device=device) / n**0.5
+    x = (torch.randn(tokens, n, generator=g, device=device) @ mix) * torch.linspace(0.2, 3, n, device=device)
+    return torch.randn(out, n, generator=g, device=device) * 0.02, x
 
 
-def solve_ours(w, x, cfg: QuantConfig) -> tuple[float, torch.Tensor, torch.Tensor]:
-    acc = HessianAccumulator(w.shape[1])
+def layers_for(device: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """SmolLM2's real layers and 7B-class synthetic ones; on a GPU also Qwen2-72B's shapes."""
+    layers = {**smollm2_inputs(), "synthetic [4096×4096]": synthetic_inputs(),
+              "synthetic [11008×4096]": synthetic_inputs(out=11008)}
+    if device == "cuda":
+        layers["Qwen2-72B q/k/v [10240×8192]"] = synthetic_inputs(8192, 10240, device=device)
+        layers["Qwen2-72B down [8192×29568]"] = synthetic_inputs(29568, 8192, device=device)
+    return layers
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def solve_ours(w, x, cfg: QuantConfig, device: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(solve seconds, dequantized weight [out, in], H), on `device`."""
+    w = w.to(device)
+    acc = HessianAccumulator(w.shape[1], device)
     for part in x.split(1024):
-        acc.add(part)
+        acc.add(part.to(device))
     h = acc.hessian()
+    _sync(device)
     start = time.perf_counter()
     result = gptq_quantize(w, h, cfg)
+    _sync(device)
     return time.perf_counter() - start, result.dequantize(), h
 
 
-def solve_gptqmodel(w, x, settings: dict) -> tuple[float, torch.Tensor]:
+def solve_gptqmodel(w, x, settings: dict, device: str) -> tuple[float, torch.Tensor]:
     from gptqmodel.quantization.config import QuantizeConfig
     from gptqmodel.quantization.gptq import GPTQ
 
-    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=device)
     linear.weight.data.copy_(w)
     solver = GPTQ(linear, qcfg=QuantizeConfig(damp_percent=0.01, **settings))
     solver.quantizer.configure(perchannel=True)
     for part in x.split(1024):
-        solver.add_batch(part.unsqueeze(0), None)
+        solver.add_batch(part.to(device).unsqueeze(0), None)
+    _sync(device)
     start = time.perf_counter()
     q = solver.quantize()[0]
+    _sync(device)
     return time.perf_counter() - start, q.float()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = parser.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    torch.set_num_threads(2)
-    layers = {**smollm2_inputs(), "synthetic [4096×4096]": synthetic_inputs(),
-              "synthetic [11008×4096]": synthetic_inputs(out=11008)}
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    name = "solve" if args.device == "cpu" else f"solve_{args.device}"
+    meta = {"reference": "gptqmodel 7.6.0 GPTQ class (damp 0.01, same bits/group/order/sym)",
+            "machine": "2 CPU cores, 2 torch threads" if args.device == "cpu" else torch.cuda.get_device_name(),
+            "repeats": f"median of {args.repeats} after one warm-up", "loss": "output MSE per token, tr(ΔW H ΔWᵀ)/2"}
+    columns = ["layer", "setting", "ours_s", "gptqmodel_s", "speedup", "ours_loss", "gptqmodel_loss", "loss_ratio"]
     rows = []
-    for layer_name, (w, x) in layers.items():
+    for layer_name, (w, x) in layers_for(args.device).items():
         group = 128 if w.shape[1] % 128 == 0 else 64
         for label, settings in SETTINGS:
             label, settings = label.replace(" g ", f" g{group} "), {**settings, "group_size": group}
-            ours = [solve_ours(w, x, QuantConfig(**settings)) for _ in range(args.repeats)]
-            theirs = [solve_gptqmodel(w, x, settings) for _ in range(args.repeats)]
-            h = ours[0][2]
+            ours = [solve_ours(w, x, QuantConfig(**settings), args.device) for _ in range(args.repeats + 1)][1:]
+            theirs = [solve_gptqmodel(w, x, settings, args.device) for _ in range(args.repeats + 1)][1:]
+            w, h = w.to(args.device), ours[0][2]
             rows.append({
                 "layer": layer_name, "setting": label,
                 "ours_s": statistics.median(t for t, _, _ in ours),
@@ -96,11 +124,7 @@ def main() -> None:
             })
             rows[-1]["speedup"] = rows[-1]["gptqmodel_s"] / rows[-1]["ours_s"]
             rows[-1]["loss_ratio"] = rows[-1]["ours_loss"] / rows[-1]["gptqmodel_loss"]
-            write_results("solve", rows, ["layer", "setting", "ours_s", "gptqmodel_s", "speedup", "ours_loss",
-                                          "gptqmodel_loss", "loss_ratio"],
-                          {"reference": "gptqmodel 7.6.0 GPTQ class (damp 0.01, same bits/group/order/sym)",
-                           "machine": "2 CPU cores, 2 torch threads", "repeats": args.repeats,
-                           "loss": "output MSE per token, tr(ΔW H ΔWᵀ)/2"})
+            write_results(name, rows, columns, meta)
 
 
 if __name__ == "__main__":

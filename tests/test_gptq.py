@@ -130,3 +130,9 @@ def test_ill_conditioned_hessian_falls_back_and_says_so():
     result = gptq_quantize(torch.randn(16, 64), h, QuantConfig(bits=4, group_size=32, damp_percent=1e-9))
     assert result.cholesky_fallback.startswith("float64")
     assert torch.isfinite(result.dequantize()).all()
+
+
+def test_solve_order_is_recorded_in_quantization_config():
+    assert QuantConfig(desc_act=False).to_hf()["meta"]["act_group_aware"] is True
+    assert QuantConfig(desc_act=True).to_hf()["meta"]["act_group_aware"] is False  # act-order takes precedence
+    assert QuantConfig(act_group_aware=False).to_hf()["meta"]["act_group_aware"] is False
