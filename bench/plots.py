@@ -18,12 +18,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 Rows = list[dict[str, Any]]
 
 
-def _quality(ax, rows: Rows) -> None:
-    labels = [r["setting"] for r in rows]
-    ax.barh(labels, [r["perplexity"] for r in rows], color=["tab:gray"] + ["tab:blue"] * (len(rows) - 1))
+def _hbars(ax, labels: list[str], values: list[float], color, xlabel: str, title: str) -> None:
+    """Horizontal bars, first row on top."""
+    ax.barh(labels, values, color=color)
     ax.invert_yaxis()
-    ax.set_xlabel("perplexity (lower is better)")
-    ax.set_title("SmolLM2-135M: perplexity by quantization setting")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+
+
+def _quality(ax, rows: Rows) -> None:
+    _hbars(ax, [r["setting"] for r in rows], [r["perplexity"] for r in rows],
+           ["tab:gray"] + ["tab:blue"] * (len(rows) - 1), "perplexity (lower is better)",
+           "SmolLM2-135M: perplexity by quantization setting")
 
 
 def _ppl_sweep(ax, rows: Rows) -> None:
@@ -58,19 +64,13 @@ def _solve(ax, rows: Rows) -> None:
 
 
 def _pipeline(ax, rows: Rows) -> None:
-    labels = [f"{r['schedule']} {r['stages']} stage(s)" for r in rows]
-    ax.barh(labels, [r["wall_s"] for r in rows], color="tab:purple")
-    ax.invert_yaxis()
-    ax.set_xlabel("quantize wall time, s")
-    ax.set_title("Ray pipeline: schedules and stage counts")
+    _hbars(ax, [f"{r['schedule']} {r['stages']} stage(s)" for r in rows], [r["wall_s"] for r in rows],
+           "tab:purple", "quantize wall time, s", "Ray pipeline: schedules and stage counts")
 
 
 def _serving_decode(ax, rows: Rows) -> None:
-    labels = [f"{r['weights']} · KV {r['kv_cache']}" for r in rows]
-    ax.barh(labels, [r["tokens_per_s"] for r in rows], color="tab:orange")
-    ax.invert_yaxis()
-    ax.set_xlabel("decode tokens/s, batch 1")
-    ax.set_title("Serving: decode speed")
+    _hbars(ax, [f"{r['weights']} · KV {r['kv_cache']}" for r in rows], [r["tokens_per_s"] for r in rows],
+           "tab:orange", "decode tokens/s, batch 1", "Serving: decode speed")
 
 
 def _serving_batching(ax, rows: Rows) -> None:
@@ -82,12 +82,9 @@ def _serving_batching(ax, rows: Rows) -> None:
 
 
 def _matmul(ax, rows: Rows) -> None:
-    labels = [f"{r['projection']} · {r['tokens']} tok" for r in rows]
-    ax.barh(labels, [r["int4_speedup"] for r in rows], color="tab:red")
+    _hbars(ax, [f"{r['projection']} · {r['tokens']} tok" for r in rows], [r["int4_speedup"] for r in rows],
+           "tab:red", "int4 kernel speedup over fp16 matmul", "Dequant-matmul kernel vs fp16")
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.invert_yaxis()
-    ax.set_xlabel("int4 kernel speedup over fp16 matmul")
-    ax.set_title("Dequant-matmul kernel vs fp16")
 
 
 def _decode(ax, rows: Rows) -> None:
