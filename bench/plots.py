@@ -94,9 +94,34 @@ def _decode(ax, rows: Rows) -> None:
     ax.set_title("Qwen2-7B-shaped decode: fp16 vs int4")
 
 
+def _serving_engines(ax, rows: Rows) -> None:
+    for engine, style in (("transformers", "-o"), ("vllm", "-s")):
+        pts = [(r["clients"], r["tokens_per_s"], r["p95_latency_s"]) for r in rows if r["engine"] == engine]
+        ax.plot([c for c, _, _ in pts], [t for _, t, _ in pts], style, label=engine)
+        for clients, tps, p95 in pts:
+            ax.annotate(f"p95 {p95:.1f}s", (clients, tps), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent gRPC clients")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("Serving engines on one replica: throughput (p95 latency marked)")
+    ax.legend()
+
+
+def _serving_kv_cache(ax, rows: Rows) -> None:
+    def fraction(text: str) -> float:
+        same, total = text.split("/")
+        return int(same) / int(total)
+
+    rows = [r for r in rows if "bytes_per_token" in r]
+    _hbars(ax, [f"{r['engine']} · KV {r['kv_cache']} ({r['vs_fp16_bytes']:.2f}× bytes)" for r in rows],
+           [fraction(r["tokens_before_divergence"]) for r in rows], "tab:green",
+           "greedy tokens before divergence from the same engine's fp16 cache (fraction)", "KV cache quality")
+
+
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "solve_cuda": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
+    "serving_engines": _serving_engines, "serving_kv_cache": _serving_kv_cache,
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
     "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode,
 }

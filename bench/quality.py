@@ -1,6 +1,8 @@
 """Perplexity of the default model (SmolLM2-135M) float vs int8 / int4 / int3, GPTQ vs RTN, with
 quantize wall time and peak memory, all through `rayquant quantize` (one stage, local Ray).
 
+The "(default)" row has configs/default.yaml's settings. vLLM loads the sym rows with static groups or
+group-aware order, not the asym ones nor plain act-order (its groups scatter: desc_act=True).
 Calibration: 128 shipped Wikipedia lead sections (≤ 512 tokens); evaluation: the shipped gensim
 Wikipedia text, 32 windows of 512 tokens — the setup of the GPTQModel figures in the README.
 Usage: python -m bench.quality [--windows 32]   (~30 min on 2 cores)
@@ -17,15 +19,21 @@ from pathlib import Path
 from bench.common import run_cli, write_results
 
 SETTINGS = [  # (label, flags)
-    ("int8 g64 GPTQ", ["--bits", "8", "--group-size", "64", "--desc-act", "--no-sym"]),
-    ("int4 g64 sym GPTQ", ["--bits", "4", "--group-size", "64", "--desc-act", "--sym"]),
+    ("int8 g64 sym GPTQ act-order static groups", ["--bits", "8", "--group-size", "64", "--desc-act",
+                                                   "--static-groups", "--sym"]),
+    ("int4 g64 sym GPTQ act-order static groups (default)", ["--bits", "4", "--group-size", "64", "--desc-act",
+                                                            "--static-groups", "--sym"]),
+    ("int4 g64 sym GPTQ act-order", ["--bits", "4", "--group-size", "64", "--desc-act", "--no-static-groups",
+                                     "--sym"]),
     ("int4 g64 sym GPTQ group-aware order", ["--bits", "4", "--group-size", "64", "--no-desc-act", "--sym"]),
     ("int4 g64 sym GPTQ natural order", ["--bits", "4", "--group-size", "64", "--no-desc-act",
                                          "--no-act-group-aware", "--sym"]),
     ("int4 g64 sym RTN", ["--bits", "4", "--group-size", "64", "--sym", "--method", "rtn"]),
-    ("int4 g64 asym GPTQ", ["--bits", "4", "--group-size", "64", "--desc-act", "--no-sym"]),
+    ("int4 g64 asym GPTQ act-order", ["--bits", "4", "--group-size", "64", "--desc-act", "--no-static-groups",
+                                      "--no-sym"]),
     ("int4 g64 asym RTN", ["--bits", "4", "--group-size", "64", "--no-sym", "--method", "rtn"]),
-    ("int3 g64 asym GPTQ", ["--bits", "3", "--group-size", "64", "--desc-act", "--no-sym"]),
+    ("int3 g64 asym GPTQ act-order", ["--bits", "3", "--group-size", "64", "--desc-act", "--no-static-groups",
+                                      "--no-sym"]),
     ("int3 g64 asym RTN", ["--bits", "3", "--group-size", "64", "--no-sym", "--method", "rtn"]),
 ]
 

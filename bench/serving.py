@@ -78,23 +78,20 @@ def server_throughput(model_dir: Path, batch_size: int, clients: int = 16, per_c
                       tokens: int = 16) -> dict:
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
     from serving.client import GenerationClient
-    from serving.config import GRPC_SERVICER_FUNCTIONS, ServeConfig
-    from serving.deployment import build_app
+    from serving.config import ServeConfig
+    from serving.deployment import start_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = ServeConfig(model=str(model_dir), kv_cache_dtype="int8", max_batch_size=batch_size,
+    config = ServeConfig(model=str(model_dir), engine="transformers", kv_cache_dtype="int8", max_batch_size=batch_size,
                          batch_wait_timeout_s=0.05, grpc_port=port, http_port=port + 1,
                          autoscaling={"min_replicas": 1, "max_replicas": 1}, ray_actor_options={"num_cpus": 1})
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port + 1},
-                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-        serve.run(build_app(config), name="bench", route_prefix="/")
+        start_server(config)
         client = GenerationClient(f"127.0.0.1:{port}")
         client.generate("warm up", max_new_tokens=2, temperature=0)
 

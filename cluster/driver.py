@@ -49,6 +49,14 @@ def check_shapes(reader: CheckpointReader, job: JobConfig, intermediate: int) ->
         job.quant.check_in_features(name, in_features)
 
 
+def warn_if_not_vllm_loadable(job: JobConfig) -> None:
+    """One line when vLLM would refuse the checkpoint these settings write, saying which settings it takes."""
+    problems = job.quant.vllm_problems()
+    if problems:
+        log.warning("vLLM will not load this checkpoint: %s. For vLLM use --bits 4 or 8 with --sym and "
+                    "--no-desc-act (group-aware order) or --desc-act --static-groups", "; ".join(problems))
+
+
 def connect_ray(address: str | None, cpus_needed: int) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start a local Ray. Returns True if this call started it."""
     if ray.is_initialized():
@@ -105,6 +113,7 @@ def _wait_until_restarted(actor, timeout_s: float = 600) -> None:
 class Driver:
     def __init__(self, job: JobConfig, restart: bool = False) -> None:
         self.job, self.restart = job, restart
+        warn_if_not_vllm_loadable(job)
         self.model_dir = resolve_model(job.model)
         self.reader = CheckpointReader(self.model_dir)
         self.intermediate = padded_intermediate(self.reader.config, job.quant.pad_intermediate_to)

@@ -8,6 +8,7 @@ from typing import Any
 from quantizer.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+VLLM_BITS = (4, 8)  # vLLM's GPTQ kernels (Marlin, Machete, CPU WNA16): uint4b8 / uint8b128, symmetric only
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,48 @@ class QuantConfig:
         if in_features % 32 != 0:
             raise ConfigError(f"{name} has in_features={in_features}, not a multiple of 32: GPTQ packing needs it")
 
+    @property
+    def scattered_groups(self) -> bool:
+        """True when the checkpoint's g_idx is not `column // group_size`: act-order with groups formed in
+        solve order. Static groups (or one group per row) keep the plain layout whatever the solve order,
+        and round-to-nearest has no solve order."""
+        return self.method == "gptq" and self.desc_act and not self.static_groups and self.group_size != -1
+
+    @property
+    def solve_order(self) -> str:
+        if self.method != "gptq":
+            return "none (round-to-nearest)"
+        if self.desc_act:
+            return "act-order, static groups" if self.static_groups else "act-order"
+        return "group-aware" if self.act_group_aware else "natural"
+
+    def vllm_problems(self) -> list[str]:
+        """Why vLLM would refuse a checkpoint written with these settings (empty: it loads it)."""
+        problems = []
+        if self.bits not in VLLM_BITS:
+            problems.append(f"bits={self.bits} (vLLM's GPTQ kernels take 4 or 8)")
+        if not self.sym:
+            problems.append("sym=False (vLLM's GPTQ kernels take symmetric grids only)")
+        if self.scattered_groups:
+            problems.append("desc_act without static_groups (vLLM no longer takes scattered act-order groups)")
+        return problems
+
     def to_hf(self) -> dict[str, Any]:
-        """The `quantization_config` written to config.json and quantize_config.json."""
+        """The `quantization_config` written to config.json and quantize_config.json. `desc_act` describes
+        the layout loaders must handle (a g_idx that scatters groups), so act-order with static groups
+        writes False; the solve order itself is recorded in `meta`."""
         return {
             "quant_method": "gptq",
             "bits": self.bits,
             "group_size": self.group_size,
-            "desc_act": self.desc_act,
+            "desc_act": self.scattered_groups,
             "sym": self.sym,
             "damp_percent": self.damp_percent,
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
             "lm_head": False,
-            "meta": {"quantizer": ["rayquant:0.1.0"], "act_group_aware": self.act_group_aware and not self.desc_act},
+            "meta": {"quantizer": ["rayquant:0.1.0"], "act_group_aware": self.act_group_aware and not self.desc_act,
+                     "solve_order": self.solve_order},
             "checkpoint_format": "gptq",
             "method": "gptq",
             "format": "gptq",

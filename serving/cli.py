@@ -34,21 +34,19 @@ def add_serving_commands(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
     from cluster.driver import connect_ray
-    from serving.config import GRPC_SERVICER_FUNCTIONS, load_serve_config
-    from serving.deployment import build_app
+    from serving.config import load_serve_config
+    from serving.deployment import start_server
 
     config = load_serve_config(args.config, {"model": args.model} if args.model else None)
     config.check_model()
+    engine, kv_cache_dtype = config.resolve_engine()  # an impossible engine choice fails here, not in a replica
     connect_ray(args.address, 1)
-    serve.start(http_options={"host": "0.0.0.0", "port": config.http_port},
-                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-    log.info("serving %s: gRPC on :%d, GET /healthz on :%d (Ctrl-C stops)", config.model, config.grpc_port,
-             config.http_port)
+    log.info("serving %s with the %s engine (%s KV cache): gRPC on :%d, GET /healthz on :%d (Ctrl-C stops)",
+             config.model, engine, kv_cache_dtype, config.grpc_port, config.http_port)
     try:
-        serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=True)
+        start_server(config, http_host="0.0.0.0", blocking=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import grpc
@@ -41,6 +42,18 @@ class GenerationClient:
     def healthy(self) -> bool:
         response = self.health.Check(health_pb2.HealthCheckRequest(), metadata=self.metadata, timeout=10)
         return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_healthy(self, timeout_s: float = 180) -> None:
+        """Block until the server answers SERVING (replicas can take a while to load a model)."""
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                if self.healthy():
+                    return
+            except grpc.RpcError:
+                if time.time() > deadline:
+                    raise
+            time.sleep(0.5)
 
     def close(self) -> None:
         self.channel.close()

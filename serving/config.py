@@ -1,14 +1,23 @@
-"""The serve config (YAML): model, engine limits, batching, ports, autoscaling and replica resources."""
+"""The serve config (YAML): model, engine, limits, batching, ports, autoscaling and replica resources."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantizer.config import QuantConfig
 from quantizer.errors import ConfigError
+from quantizer.loading import quantization_config
 from quantizer.settings import build_settings, read_yaml_mapping
 from serving.kv_cache import KV_CACHE_DTYPES
+from serving.vllm_engine import VLLM_KV_CACHE_DTYPES, VLLMOptions, vllm_installed
+
+log = logging.getLogger(__name__)
+ENGINES = ("auto", "vllm", "transformers")
+ALL_KV_CACHE_DTYPES = ("auto", *KV_CACHE_DTYPES, *(k for k in VLLM_KV_CACHE_DTYPES if k not in KV_CACHE_DTYPES))
 
 GRPC_SERVICER_FUNCTIONS = [
     "protos.rayquant.v1.generation_pb2_grpc.add_GenerationServicer_to_server",
@@ -22,10 +31,11 @@ ACTOR_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources"}
 @dataclass(frozen=True)
 class ServeConfig:
     model: str  # checkpoint dir (GPTQ from rayquant/GPTQModel, or float)
-    kv_cache_dtype: str = "int8"  # "int8", "fp16" or "fp32"
+    engine: str = "auto"  # "vllm", "transformers", or "auto" (vllm when installed and it takes the checkpoint)
+    kv_cache_dtype: str = "auto"  # transformers: int8 (auto) / fp16 / fp32; vllm: fp16 (auto) / fp8 / fp8_e5m2
     max_new_tokens_limit: int = 512  # requests asking for more are refused
     max_context: int = 0  # prompt + completion tokens at most; 0 = the model's max_position_embeddings
-    max_batch_size: int = 8  # requests decoded together (@serve.batch)
+    max_batch_size: int = 8  # requests decoded together (transformers: @serve.batch; vllm: max_num_seqs)
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when the replica has a GPU)
     cache_dequantized_weights: bool = True  # keep dequantized weights (fast, float-sized); False for big models
@@ -35,10 +45,13 @@ class ServeConfig:
     autoscaling: dict[str, Any] = field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 2,
                                                                  "target_ongoing_requests": 8})
     ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)  # options of the vllm engine
 
     def __post_init__(self) -> None:
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is unknown; use one of {KV_CACHE_DTYPES}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} is unknown; use one of {ENGINES}")
+        if self.kv_cache_dtype not in ALL_KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is unknown; use one of {ALL_KV_CACHE_DTYPES}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
         if self.max_new_tokens_limit < 1 or self.max_batch_size < 1 or self.max_context < 0:
@@ -60,7 +73,60 @@ class ServeConfig:
     def from_dict(cls, values: dict[str, Any]) -> "ServeConfig":
         if isinstance(values, dict) and "model" not in values:
             raise ConfigError("the serve config needs `model: <checkpoint dir>`")
+        if isinstance(values, dict) and isinstance(values.get("vllm"), dict):
+            values = {**values, "vllm": build_settings(VLLMOptions, values["vllm"], "vllm")}
         return build_settings(cls, values, "the serve config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolve_engine(self) -> tuple[str, str]:
+        """(engine, kv_cache_dtype) this replica runs, "auto" settled. engine: vllm that cannot work is
+        refused with the reason and the fix; engine: auto falls back to transformers and logs why."""
+        why_not = self._why_not_vllm() if self.engine != "transformers" else "engine: transformers"
+        if self.engine == "vllm" and why_not:
+            raise ConfigError(f"engine: vllm cannot serve {self.model}: {why_not}")
+        if why_not is None:
+            return "vllm", "fp16" if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+        if self.engine == "auto":
+            log.info("engine auto → transformers: %s", why_not)
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype} is vLLM's; with engine transformers use one "
+                              f"of {KV_CACHE_DTYPES}")
+        return "transformers", "int8" if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+
+    def on_gpu(self) -> bool:
+        if self.device == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return self.device == "cuda"
+
+    def _why_not_vllm(self) -> str | None:
+        if not vllm_installed():
+            return "vLLM is not installed (see the README's vLLM install recipe), or use engine: transformers"
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in VLLM_KV_CACHE_DTYPES:
+            return (f"kv_cache_dtype {self.kv_cache_dtype} is the transformers engine's; vLLM takes "
+                    f"{sorted(VLLM_KV_CACHE_DTYPES)}")
+        refusal = vllm_refusal(Path(self.model), self.on_gpu())
+        if refusal:
+            return (f"vLLM cannot run the checkpoint here ({refusal}); re-quantize with the default settings "
+                    "or use engine: transformers")
+        return None
+
+
+def vllm_refusal(model_dir: Path, on_gpu: bool) -> str | None:
+    """Why vLLM would refuse this checkpoint here, or None (float checkpoints load as they are). On CPU,
+    vLLM's only GPTQ kernel (CPUWNA16) takes 4-bit; 8-bit needs its GPU kernels (Marlin)."""
+    qdict = quantization_config(model_dir)
+    if qdict.get("quant_method") != "gptq":
+        return None
+    layout = QuantConfig(bits=qdict.get("bits", 4), group_size=qdict.get("group_size", 128),
+                         desc_act=bool(qdict.get("desc_act", False)), sym=bool(qdict.get("sym", True)))
+    problems = layout.vllm_problems()
+    if not on_gpu and layout.bits == 8:
+        problems.append("bits=8 on CPU (vLLM's CPU GPTQ kernel takes 4-bit; 8-bit runs on its GPU kernels)")
+    return "; ".join(problems) if problems else None
 
 
 def load_serve_config(path: Path, overrides: dict[str, Any] | None = None) -> ServeConfig:

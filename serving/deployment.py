@@ -1,30 +1,36 @@
 """The Ray Serve application: one deployment that is both the gRPC ingress (Generation + grpc.health.v1)
-and an HTTP health route, decoding requests in batches.
+and an HTTP health route. Each replica runs one engine (the serve config's `engine`, "auto" settled
+per replica): vLLM's async engine, which batches continuously, or our transformers engine below.
 
-Batching: `@serve.batch` over a streaming handler. Requests that arrive within `batch_wait_timeout_s`
-are decoded together (one forward pass per token for the whole batch) and each request's stream ends
-as soon as it finishes. Unary and streaming calls share these batches. This is static batching: a
-request arriving mid-batch waits for the next one. We chose it over a continuous-batching loop because
-it is Serve's own mechanism (queueing, metrics and autoscaling signals work unchanged) and, on CPU
-replicas, a batch's decode time is dominated by per-step overheads that static batches already amortize.
+Transformers engine batching: `@serve.batch` over a streaming handler. Requests that arrive within
+`batch_wait_timeout_s` are decoded together (one forward pass per token for the whole batch) and each
+request's stream ends as soon as it finishes. Unary and streaming calls share these batches. This is
+static batching: a request arriving mid-batch waits for the next one. We kept it for this engine
+because it is Serve's own mechanism (queueing, metrics and autoscaling signals work unchanged) and, on
+CPU replicas, a batch's decode time is dominated by per-step overheads that static batches already
+amortize; the vLLM engine is the continuous-batching one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import grpc
 from ray import serve
+from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from protos.grpc.health.v1 import health_pb2
 from protos.rayquant.v1 import generation_pb2 as pb
-from serving.config import ServeConfig
-from serving.engine import GenerationEngine, InvalidRequest, PreparedRequest, SamplingParams, StepOutput
+from serving.config import GRPC_SERVICER_FUNCTIONS, ServeConfig
+from serving.engine import GenerationEngine
+from serving.requests import InvalidRequest, PreparedRequest, SamplingParams, StepOutput
+from serving.vllm_engine import VLLMEngine
 
 log = logging.getLogger("ray.serve")
 
@@ -45,13 +51,23 @@ def sampling_params(request: pb.GenerateRequest, max_new_tokens_limit: int) -> S
 @serve.deployment
 class GenerationService:
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config = ServeConfig.from_dict(config)
-        self.config.check_model()
-        self.engine = GenerationEngine(self.config.model, self.config.kv_cache_dtype,
-                                       self.config.max_new_tokens_limit, self.config.max_context,
-                                       self.config.device, self.config.cache_dequantized_weights)
-        self._batched.set_max_batch_size(self.config.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.config = c = ServeConfig.from_dict(config)
+        c.check_model()
+        self.engine_name, self.kv_cache_dtype = c.resolve_engine()
+        if self.engine_name == "vllm":
+            self.engine = VLLMEngine(Path(c.model), self.kv_cache_dtype, c.max_new_tokens_limit, c.max_context,
+                                     c.max_batch_size, c.vllm)
+        else:
+            self.engine = GenerationEngine(c.model, self.kv_cache_dtype, c.max_new_tokens_limit, c.max_context,
+                                           c.device, c.cache_dequantized_weights)
+            self._batched.set_max_batch_size(c.max_batch_size)
+            self._batched.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        log.info("replica serving %s with the %s engine, %s KV cache", c.model, self.engine_name, self.kv_cache_dtype)
+
+    def __del__(self) -> None:
+        """Serve calls this on replica shutdown: stop vLLM's engine process with it."""
+        if getattr(self, "engine_name", None) == "vllm":
+            self.engine.shutdown()
 
     def _prepare(self, request: pb.GenerateRequest, context: RayServegRPCContext | None) -> PreparedRequest:
         try:
@@ -85,6 +101,10 @@ class GenerationService:
 
     async def _outputs(self, prepared: PreparedRequest) -> AsyncIterator[StepOutput]:
         """This request's outputs, read to the end of its stream (so Serve's end marker is consumed)."""
+        if self.engine_name == "vllm":
+            async for item in self.engine.outputs(prepared):
+                yield item
+            return
         async for item in self._batched(prepared):
             if item is not _NO_OUTPUT:
                 yield item
@@ -116,8 +136,9 @@ class GenerationService:
         qcfg = self.engine.quant_config
         return pb.ModelInfoResponse(
             model=str(self.config.model), quantized=bool(qcfg), bits=int(qcfg.get("bits", 0)),
-            group_size=int(qcfg.get("group_size", 0)), kv_cache_dtype=self.config.kv_cache_dtype,
-            max_context=self.engine.max_context, max_new_tokens_limit=self.config.max_new_tokens_limit)
+            group_size=int(qcfg.get("group_size", 0)), kv_cache_dtype=self.kv_cache_dtype,
+            max_context=self.engine.max_context, max_new_tokens_limit=self.config.max_new_tokens_limit,
+            engine=self.engine_name)
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1.Health/Check: SERVING once the model is loaded (the replica is up)."""
@@ -126,8 +147,8 @@ class GenerationService:
     async def __call__(self, request: Request) -> JSONResponse:
         """HTTP: GET /healthz → {"status": "ok", ...}; other paths → 404."""
         if request.url.path.rstrip("/").endswith("/healthz"):
-            return JSONResponse({"status": "ok", "model": str(self.config.model),
-                                 "kv_cache_dtype": self.config.kv_cache_dtype})
+            return JSONResponse({"status": "ok", "model": str(self.config.model), "engine": self.engine_name,
+                                 "kv_cache_dtype": self.kv_cache_dtype})
         return JSONResponse({"error": "not found; the API is gRPC (rayquant.v1.Generation)"}, status_code=404)
 
 
@@ -136,7 +157,15 @@ def build_app(config: ServeConfig):
     return GenerationService.options(
         autoscaling_config=config.autoscaling, ray_actor_options=config.ray_actor_options,
         max_ongoing_requests=max(4 * config.max_batch_size, 16),
-    ).bind({f.name: getattr(config, f.name) for f in config.__dataclass_fields__.values()})
+    ).bind(config.to_dict())
+
+
+def start_server(config: ServeConfig, http_host: str = "127.0.0.1", blocking: bool = False) -> None:
+    """Start Serve's proxies (gRPC on config.grpc_port, HTTP on http_host:config.http_port) on the connected
+    Ray and deploy the app; returns once its replicas are up (blocking=True: serves until interrupted)."""
+    serve.start(http_options={"host": http_host, "port": config.http_port},
+                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=blocking)
 
 
 def app_builder(args: dict[str, Any]):

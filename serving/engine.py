@@ -14,37 +14,10 @@ from transformers import AutoTokenizer
 from quantizer.loading import load_model, quantization_config
 from quantizer.qlinear import QuantLinear
 from serving.kv_cache import KV_CACHE_DTYPES, make_cache
+from serving.requests import (PreparedRequest, SamplingParams, StepOutput, eos_token_ids,
+                              prepare_request)
 
 log = logging.getLogger(__name__)
-
-
-class InvalidRequest(ValueError):
-    """A request the engine refuses; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class PreparedRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass
-class StepOutput:
-    text: str  # text added by this step (may be empty while a stop string could still match)
-    token_ids: list[int]
-    finish_reason: str | None = None  # "length", "stop" or "eos" on the last step
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass
@@ -74,9 +47,7 @@ class GenerationEngine:
         self.max_new_tokens_limit = max_new_tokens_limit
         self.max_context = max_context or int(self.model.config.max_position_embeddings)
         self.quant_config = quantization_config(self.model_dir)
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids))
         self.device = torch.device(device)
@@ -84,25 +55,7 @@ class GenerationEngine:
     # ---- requests ---------------------------------------------------------------------------------
     def prepare(self, prompt: str, messages: list[dict[str, str]], params: SamplingParams) -> PreparedRequest:
         """Validate and tokenize a request; raises InvalidRequest naming the problem."""
-        if messages:
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if not prompt or not prompt.strip():
-            raise InvalidRequest("the prompt is empty: send a non-empty `prompt` or `messages`")
-        if not 1 <= params.max_new_tokens <= self.max_new_tokens_limit:
-            raise InvalidRequest(f"max_new_tokens must be between 1 and {self.max_new_tokens_limit}, "
-                                 f"got {params.max_new_tokens}")
-        if params.temperature < 0:
-            raise InvalidRequest(f"temperature must be ≥ 0 (0 = greedy), got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
-        if params.top_k < 0:
-            raise InvalidRequest(f"top_k must be ≥ 0 (0 = off), got {params.top_k}")
-        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        if len(ids) + params.max_new_tokens > self.max_context:
-            raise InvalidRequest(
-                f"the prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds the "
-                f"context of {self.max_context} tokens: shorten the prompt or lower max_new_tokens")
-        return PreparedRequest(ids, params)
+        return prepare_request(self.tokenizer, prompt, messages, params, self.max_new_tokens_limit, self.max_context)
 
     # ---- decoding ---------------------------------------------------------------------------------
     def stream(self, requests: list[PreparedRequest]) -> Iterator[list[StepOutput | None]]:

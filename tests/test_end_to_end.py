@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from cluster.cli import main
 
@@ -22,6 +24,11 @@ def test_default_job_gptq_beats_rtn(tmp_path, default_model, capsys):
     report = json.loads((tmp_path / "gptq" / "quantize_report.json").read_text())
     assert len(report["stages"][0]["layer_reports"]) == 30
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())
-    assert config["quantization_config"]["bits"] == 3 and config["quantization_config"]["desc_act"] is True
+    qcfg = config["quantization_config"]
+    # the default job solves in act-order with static groups: the plain layout vLLM takes (g_idx = col // 64)
+    assert qcfg["bits"] == 3 and qcfg["desc_act"] is False and qcfg["static_groups"] is True and qcfg["sym"] is True
+    assert qcfg["meta"]["solve_order"] == "act-order, static groups"
+    g_idx = load_file(str(next((tmp_path / "gptq").glob("model-*.safetensors"))))["model.layers.0.mlp.down_proj.g_idx"]
+    assert torch.equal(g_idx, (torch.arange(g_idx.numel()) // 64).to(torch.int32))
     ppl_float, ppl_gptq, ppl_rtn = (_ppl(m, capsys) for m in (default_model, tmp_path / "gptq", tmp_path / "rtn"))
     assert ppl_float < ppl_gptq < ppl_rtn

@@ -28,7 +28,7 @@ def test_manifest_is_valid(path: Path):
             assert sum(pods * gpus for pods, gpus in workers) >= job.stages * job.resources.gpus_per_stage
     if manifest["kind"] == "RayService":
         (args,) = check_serve_config(manifest["spec"]["serveConfigV2"])
-        assert args["kv_cache_dtype"] == "int8"
+        assert args["kv_cache_dtype"] == "int8" and args["engine"] == "transformers"
         assert args["autoscaling"]["max_replicas"] > args["autoscaling"]["min_replicas"] >= 1
         gpus = args["ray_actor_options"].get("num_gpus", 0)
         assert bool(gpus) == bool(workers), "replicas ask for GPUs that no worker group has (or the reverse)"

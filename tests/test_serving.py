@@ -6,12 +6,15 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
 
 from serving.client import GenerationClient
-from serving.config import GRPC_SERVICER_FUNCTIONS, ServeConfig
+from serving.config import ServeConfig
 from serving.engine import GenerationEngine, SamplingParams
 from tests.test_pipeline import run_job
 
@@ -31,32 +34,35 @@ def quantized_tiny(tiny_llama, tmp_path_factory, ray_local):
     return out
 
 
+def serve_config(model: Path, **settings) -> ServeConfig:
+    """A one-replica server on free loopback ports."""
+    return ServeConfig(model=str(model), max_new_tokens_limit=64, max_batch_size=8, grpc_port=_free_port(),
+                       http_port=_free_port(),
+                       autoscaling={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}, **settings)
+
+
+@contextmanager
+def running_server(config: ServeConfig) -> Iterator[GenerationClient]:
+    """Ray Serve with the gRPC ingress on loopback, until the block ends; yields a client once healthy."""
+    from ray import serve
+
+    from serving.deployment import start_server
+
+    start_server(config)
+    client = GenerationClient(f"127.0.0.1:{config.grpc_port}")
+    client.wait_healthy()
+    try:
+        yield client
+    finally:
+        client.close()
+        serve.shutdown()
+
+
 @pytest.fixture(scope="module")
 def server(quantized_tiny, ray_local):
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from serving.deployment import build_app
-
-    config = ServeConfig(model=str(quantized_tiny), kv_cache_dtype="int8", max_new_tokens_limit=64,
-                         max_batch_size=8, grpc_port=_free_port(), http_port=_free_port(),
-                         autoscaling={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8})
-    serve.start(http_options={"host": "127.0.0.1", "port": config.http_port},
-                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    client = GenerationClient(f"127.0.0.1:{config.grpc_port}")
-    deadline = time.time() + 120
-    while True:
-        try:
-            if client.healthy():
-                break
-        except grpc.RpcError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
-    yield config, client
-    client.close()
-    serve.shutdown()
+    config = serve_config(quantized_tiny, engine="transformers", kv_cache_dtype="int8")
+    with running_server(config) as client:
+        yield config, client
 
 
 def test_unary_stream_and_engine_agree_on_greedy_text(server, quantized_tiny):
@@ -87,12 +93,13 @@ def test_model_info_health_and_http_route(server):
     config, client = server
     info = client.model_info()
     assert info.quantized and info.bits == 4 and info.kv_cache_dtype == "int8" and info.max_new_tokens_limit == 64
+    assert info.engine == "transformers"
     assert client.healthy()
     body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{config.http_port}/healthz", timeout=30).read())
     assert body["status"] == "ok"
 
 
-@pytest.mark.parametrize("kwargs,message", [
+BAD_REQUESTS = [  # (request fields, words of the INVALID_ARGUMENT message) for a server with limit 64
     ({"prompt": ""}, "prompt is empty"),
     ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens must be between 1 and 64"),
     ({"prompt": "hi", "max_new_tokens": 65}, "max_new_tokens must be between 1 and 64"),
@@ -100,15 +107,22 @@ def test_model_info_health_and_http_route(server):
     ({"prompt": "hi", "top_p": 0.0}, "top_p must be in (0, 1]"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p must be in (0, 1]"),
     ({"prompt": "word " * 1100, "max_new_tokens": 8}, "exceeds the context of 1024 tokens"),
-])
-def test_bad_requests_get_invalid_argument(server, kwargs, message):
-    _, client = server
+]
+
+
+def assert_invalid_argument(client: GenerationClient, kwargs: dict, message: str) -> None:
+    """Unary and streaming calls both refuse the request with INVALID_ARGUMENT; the server still answers."""
     for call in (client.generate, lambda **k: list(client.stream(**k))):
         with pytest.raises(grpc.RpcError) as info:
             call(**kwargs)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in info.value.details()
     assert client.generate("still answering", max_new_tokens=2, temperature=0).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_REQUESTS)
+def test_bad_requests_get_invalid_argument(server, kwargs, message):
+    assert_invalid_argument(server[1], kwargs, message)
 
 
 def test_client_disconnecting_mid_stream_does_not_break_the_server(server):
@@ -120,30 +134,40 @@ def test_client_disconnecting_mid_stream_does_not_break_the_server(server):
     assert client.generate(PROMPTS[2], max_new_tokens=4, temperature=0).finish_reason in ("length", "eos")
 
 
-def test_32_concurrent_clients_500_requests(server):
-    config, _ = server
-    failures, done = [], []
+def concurrent_calls(port: int, clients: int, calls_per_client: int, call) -> tuple[list, list[str]]:
+    """`clients` threads, each with its own channel, each making call(client, n, i) `calls_per_client` times.
+    Returns (results, failures as "CODE: details")."""
+    results, failures = [], []
     lock = threading.Lock()
 
     def worker(n: int) -> None:
-        client = GenerationClient(f"127.0.0.1:{config.grpc_port}")
+        client = GenerationClient(f"127.0.0.1:{port}")
         try:
-            for i in range(16):
+            for i in range(calls_per_client):
                 try:
-                    prompt = PROMPTS[(n + i) % len(PROMPTS)]
-                    if i % 4 == 0:
-                        text = "".join(c.text for c in client.stream(prompt, max_new_tokens=4, temperature=0))
-                    else:
-                        text = client.generate(prompt, max_new_tokens=4, temperature=0).text
+                    result = call(client, n, i)
                     with lock:
-                        done.append(text)
+                        results.append(result)
                 except grpc.RpcError as exc:
                     with lock:
                         failures.append(f"{exc.code()}: {exc.details()}")
         finally:
             client.close()
 
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(worker, range(32)))
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return results, failures
+
+
+def test_32_concurrent_clients_500_requests(server):
+    config, _ = server
+
+    def call(client: GenerationClient, n: int, i: int) -> str:
+        prompt = PROMPTS[(n + i) % len(PROMPTS)]
+        if i % 4 == 0:
+            return "".join(c.text for c in client.stream(prompt, max_new_tokens=4, temperature=0))
+        return client.generate(prompt, max_new_tokens=4, temperature=0).text
+
+    done, failures = concurrent_calls(config.grpc_port, 32, 16, call)
     assert not failures, failures[:3]
     assert len(done) == 512

