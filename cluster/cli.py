@@ -53,16 +53,20 @@ def _add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output dir")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run instead of resuming it")
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4)")
+    g.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4; vLLM takes 4 and 8)")
     g.add_argument("--group-size", type=int, help="-1, 32, 64, 128… (default 128; SmolLM2 needs 64 or 32)")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
-                   help="act-order: solve columns by decreasing Hessian diagonal (checkpoint gets a g_idx)")
+                   help="act-order: solve columns by decreasing Hessian diagonal (groups then scatter over "
+                   "columns via g_idx, which vLLM refuses, unless --static-groups)")
     g.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="without --desc-act: solve whole groups by their largest diagonal entry (default on; "
                    "plain checkpoint layout)")
-    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid (default on)")
+    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric grid (default on; vLLM's GPTQ kernels need it)")
     g.add_argument("--damp-percent", type=float, help="Hessian dampening (default 0.01)")
-    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --desc-act: fix each group's grid before the solve, keeping g_idx = column // group "
+                   "(a plain desc_act=false checkpoint that vLLM loads; configs/default.yaml does this)")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--method", choices=["gptq", "rtn"], help="gptq (default) or the round-to-nearest baseline")
     g.add_argument("--pad-intermediate-to", type=int, help="zero-pad the MLP width to a multiple (Qwen2-72B: 1024)")
