@@ -49,7 +49,7 @@ def main() -> None:
                 write_results("pipeline", rows, ["schedule", "stages", "layers", "wall_s", "speedup_vs_1_stage",
                                          "all_stages_busy_s", "transfer_mb", "driver_peak_rss_mb",
                                          "max_stage_peak_rss_mb", "perplexity"],
-                              {"model": "SmolLM2-135M-Instruct, int4 g64 asym act-order (configs/default.yaml)",
+                              {"model": "SmolLM2-135M-Instruct, configs/default.yaml settings",
                                "calibration": f"{args.num_samples} samples ≤ 512 tokens",
                                "eval": f"{args.windows}×512 tokens", "machine": "2 CPU cores, local Ray"})
 

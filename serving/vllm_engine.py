@@ -8,6 +8,7 @@ a cancelled request (client gone or deadline passed) is aborted in vLLM and free
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -117,4 +118,9 @@ class VLLMEngine:
             yield StepOutput(step.text, tokens, reason, len(request.prompt_ids), completed)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Stop vLLM's engine process and drop the engine now (collected at interpreter exit, vLLM's own
+        destructor would run again with its module globals gone)."""
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+            gc.collect()

@@ -78,15 +78,27 @@ def test_unary_stream_and_engine_agree_on_greedy_text(server, quantized_tiny):
         assert unary.usage.completion_tokens == chunks[-1].usage.completion_tokens == len(direct.token_ids)
 
 
-def test_stop_strings_and_seeded_sampling(server):
-    _, client = server
-    full = client.generate(PROMPTS[0], max_new_tokens=24, temperature=0)
+def assert_stop_strings_and_seeded_sampling(client: GenerationClient, greedy_prompt: str, sampled_prompt: str) -> None:
+    """A stop string taken from the greedy text cuts it there (finish_reason stop); same seed, same sample."""
+    full = client.generate(greedy_prompt, max_new_tokens=24, temperature=0)
     stop = full.text[5:8]
-    cut = client.generate(PROMPTS[0], max_new_tokens=24, temperature=0, stop=[stop])
+    cut = client.generate(greedy_prompt, max_new_tokens=24, temperature=0, stop=[stop])
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
-    a = client.generate(PROMPTS[1], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
-    b = client.generate(PROMPTS[1], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    a = client.generate(sampled_prompt, max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    b = client.generate(sampled_prompt, max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
     assert a.text == b.text
+
+
+def cancel_a_stream(client: GenerationClient, prompt: str) -> None:
+    """Read one chunk of a long stream, then hang up (the server must carry on)."""
+    stream = client.stream(prompt, max_new_tokens=60, temperature=0)
+    next(stream)
+    stream.cancel()
+    time.sleep(0.5)
+
+
+def test_stop_strings_and_seeded_sampling(server):
+    assert_stop_strings_and_seeded_sampling(server[1], PROMPTS[0], PROMPTS[1])
 
 
 def test_model_info_health_and_http_route(server):
@@ -127,10 +139,7 @@ def test_bad_requests_get_invalid_argument(server, kwargs, message):
 
 def test_client_disconnecting_mid_stream_does_not_break_the_server(server):
     _, client = server
-    stream = client.stream(PROMPTS[0], max_new_tokens=60, temperature=0)
-    next(stream)
-    stream.cancel()
-    time.sleep(0.5)
+    cancel_a_stream(client, PROMPTS[0])
     assert client.generate(PROMPTS[2], max_new_tokens=4, temperature=0).finish_reason in ("length", "eos")
 
 

@@ -7,7 +7,6 @@ comparison at 8 bits runs where a GPU is present."""
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,9 @@ from cluster.job import load_job  # noqa: E402
 from serving.engine import GenerationEngine  # noqa: E402
 from serving.requests import SamplingParams  # noqa: E402
 from serving.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
-from tests.test_serving import (BAD_REQUESTS, assert_invalid_argument, concurrent_calls, running_server,  # noqa: E402
-                                serve_config)
+from tests.test_serving import (BAD_REQUESTS, assert_invalid_argument,  # noqa: E402
+                                assert_stop_strings_and_seeded_sampling, cancel_a_stream, concurrent_calls,
+                                running_server, serve_config)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -111,14 +111,7 @@ def test_vllm_server_unary_and_stream_agree(vllm_server):
 
 
 def test_vllm_server_stop_strings_and_seeded_sampling(vllm_server):
-    _, client = vllm_server
-    full = client.generate(PROMPTS[1], max_new_tokens=24, temperature=0)
-    stop = full.text[6:10]
-    cut = client.generate(PROMPTS[1], max_new_tokens=24, temperature=0, stop=[stop])
-    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
-    a = client.generate(PROMPTS[2], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
-    b = client.generate(PROMPTS[2], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7)
-    assert a.text == b.text
+    assert_stop_strings_and_seeded_sampling(vllm_server[1], PROMPTS[1], PROMPTS[2])
 
 
 @pytest.mark.parametrize("kwargs,message", BAD_REQUESTS)
@@ -128,10 +121,7 @@ def test_vllm_server_refuses_bad_requests_like_ours(vllm_server, kwargs, message
 
 def test_vllm_server_cancelled_stream_and_concurrent_clients(vllm_server):
     config, client = vllm_server
-    stream = client.stream(PROMPTS[0], max_new_tokens=60, temperature=0)
-    next(stream)
-    stream.cancel()
-    time.sleep(0.5)
+    cancel_a_stream(client, PROMPTS[0])
     done, failures = concurrent_calls(config.grpc_port, 16, 4, lambda c, n, i: c.generate(
         PROMPTS[(n + i) % len(PROMPTS)], max_new_tokens=8, temperature=0).usage.completion_tokens)
     assert not failures, failures[:3]
