@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,13 @@ def run_cli(*args: str, timeout: int = 3600) -> tuple[str, float]:
     if done.returncode:
         raise RuntimeError(f"rayquant {' '.join(args)} failed:\n{done.stderr[-4000:]}")
     return done.stdout, time.perf_counter() - start
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a benchmark's own server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], meta: dict) -> None:

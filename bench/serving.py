@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import run_cli, write_results
+from bench.common import free_port, run_cli, write_results
 from serving.engine import GenerationEngine, SamplingParams
 from serving.kv_cache import cache_nbytes
 
@@ -83,11 +82,9 @@ def server_throughput(model_dir: Path, batch_size: int, clients: int = 16, per_c
     from serving.config import ServeConfig
     from serving.deployment import start_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = ServeConfig(model=str(model_dir), engine="transformers", kv_cache_dtype="int8", max_batch_size=batch_size,
-                         batch_wait_timeout_s=0.05, grpc_port=port, http_port=port + 1,
+                         batch_wait_timeout_s=0.05, grpc_port=port, http_port=free_port(),
                          autoscaling={"min_replicas": 1, "max_replicas": 1}, ray_actor_options={"num_cpus": 1})
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import statistics
 import tempfile
 import threading
@@ -24,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import run_cli, write_results
+from bench.common import free_port, run_cli, write_results
 from serving.requests import SamplingParams
 
 log = logging.getLogger("bench")
@@ -34,12 +33,6 @@ PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
 CONCURRENCY = (1, 8, 32)
 NEW_TOKENS = 32
 MAX_BATCH = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -78,9 +71,9 @@ def load_rows(model: Path, engine: str) -> list[dict]:
     from serving.config import ServeConfig
     from serving.deployment import start_server
 
-    port = _free_port()
+    port = free_port()
     config = ServeConfig(model=str(model), engine=engine, max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.02,
-                         max_context=1024, grpc_port=port, http_port=_free_port(),
+                         max_context=1024, grpc_port=port, http_port=free_port(),
                          autoscaling={"min_replicas": 1, "max_replicas": 1}, vllm={"kv_cache_gb": 1.0})
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     rows = []
@@ -130,12 +123,13 @@ def _agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
             "tokens_before_divergence": f"{same_tokens}/{sum(len(x) for x in reference)}"}
 
 
-def _kv_bytes_per_token(model: Path, kv: str) -> int:
+def _kv_bytes_per_token(model: Path) -> dict[str, int]:
+    """Bytes one cached token takes in each KV cache dtype (keys and values, every layer and KV head)."""
     cfg = json.loads((model / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     vectors = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"]
-    per_vector = {"fp16": 2 * head_dim, "int8": head_dim + 4, "fp8": head_dim, "fp8_e5m2": head_dim}[kv]
-    return vectors * per_vector
+    per_vector = {"fp16": 2 * head_dim, "int8": head_dim + 4, "fp8": head_dim, "fp8_e5m2": head_dim}
+    return {kv: vectors * n for kv, n in per_vector.items()}
 
 
 def kv_rows(model: Path) -> list[dict]:
@@ -160,11 +154,11 @@ def kv_rows(model: Path) -> list[dict]:
 
         outs["vllm", kv] = asyncio.run(run_all())
         engine.shutdown()
+    nbytes = _kv_bytes_per_token(model)
     rows = []
     for (engine_name, kv), tokens in outs.items():
-        rows.append({"engine": engine_name, "kv_cache": kv, "bytes_per_token": _kv_bytes_per_token(model, kv),
-                     "vs_fp16_bytes": _kv_bytes_per_token(model, kv) / _kv_bytes_per_token(model, "fp16"),
-                     **_agreement(outs[engine_name, "fp16"], tokens)})
+        rows.append({"engine": engine_name, "kv_cache": kv, "bytes_per_token": nbytes[kv],
+                     "vs_fp16_bytes": nbytes[kv] / nbytes["fp16"], **_agreement(outs[engine_name, "fp16"], tokens)})
     rows.append({"engine": "vllm vs transformers", "kv_cache": "fp16", **_agreement(
         outs["transformers", "fp16"], outs["vllm", "fp16"])})
     return rows

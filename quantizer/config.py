@@ -85,6 +85,12 @@ class QuantConfig:
             problems.append("desc_act without static_groups (vLLM no longer takes scattered act-order groups)")
         return problems
 
+    @classmethod
+    def from_hf(cls, qdict: dict[str, Any]) -> "QuantConfig":
+        """The layout a checkpoint's `quantization_config` describes (bits, groups, g_idx kind, grid)."""
+        return cls(bits=qdict["bits"], group_size=qdict["group_size"], desc_act=bool(qdict.get("desc_act", False)),
+                   sym=bool(qdict.get("sym", True)))
+
     def to_hf(self) -> dict[str, Any]:
         """The `quantization_config` written to config.json and quantize_config.json. `desc_act` describes
         the layout loaders must handle (a g_idx that scatters groups), so act-order with static groups

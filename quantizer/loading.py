@@ -39,8 +39,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
     qdict = dict(config.quantization_config)
     if qdict.get("checkpoint_format", qdict.get("format", "gptq")) != "gptq" or qdict.get("quant_method") != "gptq":
         raise ConfigError(f"{model_dir} is not a GPTQ v1 checkpoint (quantization_config: {qdict})")
-    qcfg = QuantConfig(bits=qdict["bits"], group_size=qdict["group_size"], desc_act=qdict.get("desc_act", False),
-                       sym=qdict.get("sym", True))
+    qcfg = QuantConfig.from_hf(qdict)
     del config.quantization_config
     config._attn_implementation = "sdpa"
     arch = get_architecture(config.model_type)

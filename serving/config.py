@@ -121,8 +121,7 @@ def vllm_refusal(model_dir: Path, on_gpu: bool) -> str | None:
     qdict = quantization_config(model_dir)
     if qdict.get("quant_method") != "gptq":
         return None
-    layout = QuantConfig(bits=qdict.get("bits", 4), group_size=qdict.get("group_size", 128),
-                         desc_act=bool(qdict.get("desc_act", False)), sym=bool(qdict.get("sym", True)))
+    layout = QuantConfig.from_hf(qdict)
     problems = layout.vllm_problems()
     if not on_gpu and layout.bits == 8:
         problems.append("bits=8 on CPU (vLLM's CPU GPTQ kernel takes 4-bit; 8-bit runs on its GPU kernels)")
