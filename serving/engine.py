@@ -73,26 +73,29 @@ class GenerationEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = make_cache(self.kv_cache_dtype)
         self.last_cache = cache
-        with torch.inference_mode():
-            while True:
+        while True:
+            # Entered per step: the server advances this generator from worker threads (asyncio.to_thread),
+            # and inference mode is thread-local, so a `with` around the whole loop would not hold on
+            # the thread that runs a later step.
+            with torch.inference_mode():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                     position_ids=positions.to(self.device), past_key_values=cache,
                                     use_cache=True).logits[:, -1].float().cpu()
-                step: list[StepOutput | None] = []
-                next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long)
-                for i, row in enumerate(rows):
-                    if row.finished:
-                        step.append(None)
-                        continue
-                    token = self._sample(logits[i], row)
-                    next_ids[i] = token
-                    step.append(self._advance(row, token))
-                yield step
-                if all(row.finished for row in rows):
-                    return
-                ids = next_ids.unsqueeze(1)
-                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
-                positions = positions[:, -1:] + 1
+            step: list[StepOutput | None] = []
+            next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long)
+            for i, row in enumerate(rows):
+                if row.finished:
+                    step.append(None)
+                    continue
+                token = self._sample(logits[i], row)
+                next_ids[i] = token
+                step.append(self._advance(row, token))
+            yield step
+            if all(row.finished for row in rows):
+                return
+            ids = next_ids.unsqueeze(1)
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
 
     def generate(self, request: PreparedRequest) -> StepOutput:
         """The whole completion of one request."""

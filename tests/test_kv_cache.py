@@ -1,5 +1,7 @@
 """int8 KV cache: per-vector quantization error, cache bytes vs fp16, greedy agreement on SmolLM2."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -48,3 +50,24 @@ def test_greedy_agreement_with_fp16_cache_on_smollm2(engines):
         if len(outs["int8"].token_ids) == len(outs["fp16"].token_ids):
             assert outs["int8_bytes"] / outs["fp16_bytes"] <= 0.55
     assert identical >= 7
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp16"])
+def test_decoding_steps_on_different_threads_match_one_thread(tiny_llama, kv_cache_dtype):
+    """The server advances `stream` with asyncio.to_thread, so each step may run on another thread; inference
+    mode is thread-local, and a step outside it fails ("Inference tensors cannot be saved for backward")."""
+    engine = GenerationEngine(tiny_llama, kv_cache_dtype=kv_cache_dtype)
+    requests = [engine.prepare(p, [], SamplingParams(max_new_tokens=12, temperature=0)) for p in PROMPTS[:3]]
+    steps = engine.stream(requests)
+    tokens: list[list[int]] = [[] for _ in requests]
+    while True:
+        with ThreadPoolExecutor(1) as pool:  # a new thread for every step
+            try:
+                step = pool.submit(next, steps).result()
+            except StopIteration:
+                break
+        for i, out in enumerate(step):
+            if out is not None:
+                tokens[i] += out.token_ids
+    assert tokens == [engine.generate(r).token_ids for r in requests]
+    assert all(len(t) > 0 for t in tokens)
