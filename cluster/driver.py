@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from cluster.job import JobConfig
 from cluster.plan import GB, StagePlan, describe, model_sizes, plan_stages
 from cluster.progress import StageProgress
+from cluster.recovery import Recovery, inputs_lost, recoverable, wait_until_restarted
 from cluster.resume import open_work_dir
 from cluster.stage import StageWorker
 from quantizer.assets import default_model_dir
@@ -57,8 +58,9 @@ def warn_if_not_vllm_loadable(job: JobConfig) -> None:
                     "--no-desc-act (group-aware order) or --desc-act --static-groups", "; ".join(problems))
 
 
-def connect_ray(address: str | None, cpus_needed: int) -> bool:
-    """Connect to `address` / RAY_ADDRESS, or start a local Ray. Returns True if this call started it."""
+def connect_ray(address: str | None, cpus_needed: int, metrics_port: int = 0) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start a local Ray (Prometheus metrics on `metrics_port`,
+    0 = a port Ray picks). Returns True if this call started it."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -76,7 +78,7 @@ def connect_ray(address: str | None, cpus_needed: int) -> bool:
         return False
     # address="local": always a new Ray owned by this process, never a cluster that happens to run here
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, _metrics_export_port=metrics_port or None)
     return True
 
 
@@ -96,18 +98,6 @@ def _unwrap(exc: BaseException) -> BaseException:
     """A ConfigError raised inside an actor reaches the driver wrapped; hand the user the original."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, ConfigError) else exc
-
-
-def _wait_until_restarted(actor, timeout_s: float = 600) -> None:
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            ray.get(actor.pid.remote(), timeout=60)
-            return
-        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 class Driver:
@@ -165,18 +155,21 @@ class Driver:
             for p in self.plans
         ]
         progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
-        token_refs = [ray.put(b) for b in self.batches]
+        self.recoveries: list[Recovery] = []
+        self._budget = [job.resources.max_restarts] * len(self.actors)
         try:
             ray.get([a.pid.remote() for a in self.actors])  # all stages up: start-up errors surface here
+            self.inputs: list[list | None] = [[ray.put(b) for b in self.batches]] + [None] * (len(self.actors) - 1)
             if job.schedule == "sequential":
-                self._sequential(self.actors, token_refs, progress)
+                for k in range(len(self.actors)):
+                    self._quantize_stage(k, progress, emit=k < len(self.actors) - 1)
             else:
-                self._pipelined(self.actors, token_refs, progress)
+                self._pipelined(progress)
             for old in partial.glob("model-*.safetensors"):
                 old.unlink()
-            shards = ray.get([a.write_shard.remote(str(partial), shard_name(k, len(self.actors)))
-                              for k, a in enumerate(self.actors)])
-            stats = ray.get([a.stats.remote() for a in self.actors])
+            shards = self._on_every_stage(
+                lambda k, a: a.write_shard.remote(str(partial), shard_name(k, len(self.actors))))
+            stats = self._on_every_stage(lambda k, a: a.stats.remote())
         except ray.exceptions.RayError as exc:
             raise _unwrap(exc) from exc
         finally:
@@ -184,49 +177,91 @@ class Driver:
                 ray.kill(actor)
         return progress, shards, stats
 
-    def _run_stage(self, actor, inputs: list, progress: StageProgress, emit: bool) -> list:
-        """Quantize one stage (and fetch its outputs); if its actor dies, Ray restarts it and it resumes."""
-        restarts = self.job.resources.max_restarts
+    def _recover(self, k: int, exc: BaseException) -> bool:
+        """After stage k failed with `exc`: re-raise unless Ray lost an actor or objects and the stage has
+        restarts left; wait for its actor. Returns whether the stage's inputs must be rebuilt."""
+        if not recoverable(exc) or self._budget[k] == 0:
+            raise exc
+        self._budget[k] -= 1
+        rebuild = inputs_lost(exc)
+        self.recoveries.append(Recovery(k, type(exc).__name__, rebuild, time.time()))
+        log.warning("stage %d lost %s (%s); %sresuming from its finished layers", k,
+                    "input activations" if rebuild else "its actor", type(exc).__name__,
+                    "rebuilding its inputs, " if rebuild else "waiting for Ray to restart it, ")
+        wait_until_restarted(self.actors[k], k)
+        return rebuild
+
+    def _quantize_stage(self, k: int, progress: list[StageProgress], emit: bool) -> None:
+        """Quantize stage k (finished layers on disk are replayed, not solved again); with `emit`, its
+        outputs become stage k+1's inputs. Survives its actor's death and the loss of its inputs."""
         while True:
             try:
-                progress.reports.clear()
-                for ref in actor.quantize.remote(inputs):
-                    progress.update(ray.get(ref))
-                if not emit:
-                    return []
-                gen = actor.emit_outputs.options(
-                    _generator_backpressure_num_objects=self.job.resources.max_inflight_chunks).remote()
-                return list(gen)
-            except ray.exceptions.RayActorError:
-                if restarts == 0:
-                    raise
-                restarts -= 1
-                log.warning("stage %d actor died; waiting for Ray to restart it, then resuming", progress.stage)
-                _wait_until_restarted(actor)
+                if self.inputs[k] is None:
+                    self._rebuild_inputs(k, progress)
+                outputs = self._attempt(k, progress[k], emit)
+                if emit:
+                    self.inputs[k + 1] = outputs
+                return
+            except ray.exceptions.RayError as exc:
+                if self._recover(k, exc):
+                    self.inputs[k] = None if k > 0 else [ray.put(b) for b in self.batches]
 
-    def _sequential(self, actors: list, token_refs: list, progress: list[StageProgress]) -> None:
-        """Exact GPTQ: stage k+1 calibrates on the outputs of stage k's quantized layers."""
-        inputs = token_refs
-        for k, actor in enumerate(actors):
-            inputs = self._run_stage(actor, inputs, progress[k], emit=k < len(actors) - 1)
+    def _attempt(self, k: int, progress: StageProgress, emit: bool) -> list:
+        for ref in self.actors[k].quantize.remote(self.inputs[k]):
+            progress.update(ray.get(ref))
+        if not emit:
+            return []
+        gen = self.actors[k].emit_outputs.options(
+            _generator_backpressure_num_objects=self.job.resources.max_inflight_chunks).remote()
+        return list(gen)
 
-    def _pipelined(self, actors: list, token_refs: list, progress: list[StageProgress]) -> None:
+    def _rebuild_inputs(self, k: int, progress: list[StageProgress]) -> None:
+        """Recompute stage k's input activations, lost with a node: sequential, stage k-1 replays its
+        finished layers from disk; pipelined, the float layers of stages 0..k-1 run again."""
+        if self.job.schedule == "sequential":
+            self._quantize_stage(k - 1, progress, emit=True)
+        else:
+            self.inputs[k] = self._float_chain(k)
+
+    def _float_chain(self, k: int) -> list:
+        """Stage k's pipelined inputs: every token batch through the float layers of stages 0..k-1."""
+        refs = []
+        for ref in self.inputs[0]:
+            for actor in self.actors[:k]:
+                ref = actor.forward_float.remote(ref)
+            refs.append(ref)
+        return refs
+
+    def _pipelined(self, progress: list[StageProgress]) -> None:
         """All stages at once: stage k calibrates on the float model's activations at its first layer."""
         inflight = self.job.resources.max_inflight_chunks
-        stage_inputs: list[list] = [list(token_refs)] + [[] for _ in actors[1:]]
         pending: list = []
-        for ref in token_refs:
-            for k, actor in enumerate(actors[:-1]):
+        for k in range(1, len(self.actors)):
+            self.inputs[k] = []
+        for ref in self.inputs[0]:
+            for k, actor in enumerate(self.actors[:-1]):
                 ref = actor.forward_float.remote(ref)
-                stage_inputs[k + 1].append(ref)
+                self.inputs[k + 1].append(ref)
             pending.append(ref)
             if len(pending) >= inflight:  # backpressure: bounded batches in flight through the chain
                 _, pending = ray.wait(pending, num_returns=len(pending) - inflight + 1)
-        with ThreadPoolExecutor(len(actors)) as pool:
-            futures = [pool.submit(self._run_stage, a, stage_inputs[k], progress[k], False)
-                       for k, a in enumerate(actors)]
+        with ThreadPoolExecutor(len(self.actors)) as pool:
+            futures = [pool.submit(self._quantize_stage, k, progress, False) for k in range(len(self.actors))]
             for f in futures:
                 f.result()
+
+    def _on_every_stage(self, call) -> list:
+        """ray.get(call(k, actor)) for every stage; an actor lost after its layers were done is restarted
+        (its layers are on disk) and asked again."""
+        results = []
+        for k, actor in enumerate(self.actors):
+            while True:
+                try:
+                    results.append(ray.get(call(k, actor)))
+                    break
+                except ray.exceptions.RayError as exc:
+                    self._recover(k, exc)
+        return results
 
     def _report(self, started: float, progress: list[StageProgress], shards: list, stats: list) -> dict[str, Any]:
         stages = []
@@ -245,4 +280,5 @@ class Driver:
             "calibration_tokens": sum(b.tokens for b in self.batches),
             "wall_seconds": time.time() - started, "driver_peak_rss_mb": peak_rss_mb(),
             "transfer_bytes": sum(s["bytes_emitted"] for s in stats), "stages": stages,
+            "recoveries": [dataclasses.asdict(r) for r in self.recoveries],
         }

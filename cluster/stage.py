@@ -106,4 +106,5 @@ class StageWorker:
         """bytes_read: object-store reads (each layer pass re-reads its inputs); bytes_emitted: activations
         handed to later stages."""
         return {"stage": self.index, "peak_rss_mb": peak_rss_mb(), "bytes_read": self.store.bytes_read,
-                "bytes_emitted": self.bytes_emitted, "device": self.device, "pid": os.getpid()}
+                "bytes_emitted": self.bytes_emitted, "device": self.device, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}

@@ -84,11 +84,13 @@ class StageEngine:
 
     # ---- inputs -----------------------------------------------------------------------------------
     def embed(self, batch: TokenBatch) -> ActivationChunk:
-        """Token ids → first-layer hidden states (the first stage only)."""
+        """Token ids → first-layer hidden states (the first stage only). The table stays in the checkpoint
+        dtype (a 152k × 8192 vocabulary is 2.5 GB in bf16, 5 GB in fp32); looked-up rows are cast, exactly."""
         if self._embed is None:
             weight = self.reader.load_prefix(self.arch.embed)["weight"]
-            self._embed = nn.Embedding.from_pretrained(weight.to(self.device, self.dtype))
-        return ActivationChunk(self._embed(batch.input_ids.to(self.device)), batch.mask.to(self.device))
+            self._embed = nn.Embedding.from_pretrained(weight.to(self.device))
+        hidden = self._embed(batch.input_ids.to(self.device)).to(self.dtype)
+        return ActivationChunk(hidden, batch.mask.to(self.device))
 
     # ---- forward passes ---------------------------------------------------------------------------
     def _run(self, layer: nn.Module, chunk: ActivationChunk) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def add_serving_commands(sub) -> None:
     p.add_argument("--config", type=Path, required=True, help="serve config YAML (see configs/serve.yaml)")
     p.add_argument("--model", help="override the config's checkpoint dir")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--host", help="address to bind (default: the config's host, 127.0.0.1 = this machine only; "
+                   "0.0.0.0 = every interface)")
     g = sub.add_parser("generate", help="send one request to a running server",
                        description="Call Generate (or GenerateStream with --stream) on HOST:PORT.")
     g.add_argument("--address", default="localhost:9000", help="gRPC HOST:PORT (default localhost:9000)")
@@ -29,6 +32,8 @@ def add_serving_commands(sub) -> None:
     g.add_argument("--top-k", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--api-key-env", metavar="NAME", help="send the API key held in env var NAME "
+                   "(as `authorization: Bearer <key>`)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -39,14 +44,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from serving.config import load_serve_config
     from serving.deployment import start_server
 
-    config = load_serve_config(args.config, {"model": args.model} if args.model else None)
+    overrides = {k: v for k, v in {"model": args.model, "host": args.host}.items() if v}
+    config = load_serve_config(args.config, overrides)
     config.check_model()
     engine, kv_cache_dtype = config.resolve_engine()  # an impossible engine choice fails here, not in a replica
-    connect_ray(args.address, 1)
-    log.info("serving %s with the %s engine (%s KV cache): gRPC on :%d, GET /healthz on :%d (Ctrl-C stops)",
-             config.model, engine, kv_cache_dtype, config.grpc_port, config.http_port)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        config.api_key()  # the local Ray's replicas inherit this environment: a missing key fails here
+    started = connect_ray(args.address, 1, config.metrics_port)
+    log.info("serving %s with the %s engine (%s KV cache): gRPC on %s:%d, GET /healthz on %s:%d%s%s (Ctrl-C "
+             "stops)", config.model, engine, kv_cache_dtype, config.host, config.grpc_port, config.host,
+             config.http_port, f", API key from ${config.api_key_env}" if config.api_key_env else "",
+             f", Prometheus metrics on :{config.metrics_port}/metrics" if started else "")
     try:
-        start_server(config, http_host="0.0.0.0", blocking=True)
+        start_server(config, blocking=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -60,7 +70,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                   "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}.items()
                 if v is not None}
-    client = GenerationClient(args.address)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            from quantizer.errors import ConfigError
+
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that variable is unset or empty")
+    client = GenerationClient(args.address, api_key=api_key)
     try:
         if args.stream:
             for chunk in client.stream(args.prompt, stop=args.stop, **sampling):

@@ -15,11 +15,15 @@ from protos.rayquant.v1 import generation_pb2_grpc
 class GenerationClient:
     """client = GenerationClient("localhost:9000"); client.generate("Hello", max_new_tokens=20, temperature=0)"""
 
-    def __init__(self, address: str, application: str | None = None, timeout_s: float = 300) -> None:
+    def __init__(self, address: str, application: str | None = None, timeout_s: float = 300,
+                 api_key: str | None = None) -> None:
         self.channel = grpc.insecure_channel(address)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.metadata = (("application", application),) if application else None
+        metadata = [("application", application)] if application else []
+        if api_key:
+            metadata.append(("authorization", f"Bearer {api_key}"))
+        self.metadata = tuple(metadata) or None
         self.timeout_s = timeout_s
 
     @staticmethod
@@ -29,12 +33,14 @@ class GenerationClient:
         return pb.GenerateRequest(prompt=prompt, messages=[pb.Message(**m) for m in messages or []],
                                   stop=stop or [], **sampling)
 
-    def generate(self, prompt: str = "", **kwargs) -> pb.GenerateResponse:
-        return self.stub.Generate(self.request(prompt, **kwargs), metadata=self.metadata, timeout=self.timeout_s)
+    def generate(self, prompt: str = "", timeout_s: float | None = None, **kwargs) -> pb.GenerateResponse:
+        """timeout_s: this call's deadline (default: the client's); the server stops work on it when it passes."""
+        return self.stub.Generate(self.request(prompt, **kwargs), metadata=self.metadata,
+                                  timeout=timeout_s or self.timeout_s)
 
-    def stream(self, prompt: str = "", **kwargs) -> Iterator[pb.GenerateChunk]:
+    def stream(self, prompt: str = "", timeout_s: float | None = None, **kwargs) -> Iterator[pb.GenerateChunk]:
         return self.stub.GenerateStream(self.request(prompt, **kwargs), metadata=self.metadata,
-                                        timeout=self.timeout_s)
+                                        timeout=timeout_s or self.timeout_s)
 
     def model_info(self) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), metadata=self.metadata, timeout=self.timeout_s)

@@ -1,9 +1,11 @@
-"""The serve config (YAML): model, engine, limits, batching, ports, autoscaling and replica resources."""
+"""The serve config (YAML): model, engine, limits, access, batching, ports, autoscaling and replica resources."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,13 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when the replica has a GPU)
     cache_dequantized_weights: bool = True  # keep dequantized weights (fast, float-sized); False for big models
+    max_prompt_tokens: int = 0  # prompt tokens at most; 0 = whatever the context leaves for the completion
+    max_request_bytes: int = 1 << 20  # serialized GenerateRequest size at most (1 MiB)
+    api_key_env: str | None = None  # name of an env var holding the API key; set → `authorization: Bearer <key>`
+    host: str = "127.0.0.1"  # address the gRPC and HTTP proxies bind; "0.0.0.0" exposes them (k8s)
     grpc_port: int = 9000
     http_port: int = 8000  # GET /healthz answers here
+    metrics_port: int = 8080  # Prometheus port of the local Ray `rayquant serve` starts (a cluster: ray start's)
     app_name: str = "rayquant"
     autoscaling: dict[str, Any] = field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 2,
                                                                  "target_ongoing_requests": 8})
@@ -56,6 +63,14 @@ class ServeConfig:
             raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
         if self.max_new_tokens_limit < 1 or self.max_batch_size < 1 or self.max_context < 0:
             raise ConfigError("max_new_tokens_limit and max_batch_size must be ≥ 1, max_context ≥ 0")
+        if self.max_prompt_tokens < 0 or self.max_request_bytes < 1024:
+            raise ConfigError("max_prompt_tokens must be ≥ 0 (0 = the context decides) and max_request_bytes "
+                              "at least 1024")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise ConfigError(f"api_key_env must name an environment variable (e.g. RAYQUANT_API_KEY), not "
+                              f"{self.api_key_env!r}: the key itself never goes into the config")
+        if not self.host:
+            raise ConfigError("host must be an address to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (all)")
         unknown = set(self.autoscaling) - AUTOSCALING_KEYS
         if unknown:
             raise ConfigError(f"unknown autoscaling key(s) {sorted(unknown)}; valid: {sorted(AUTOSCALING_KEYS)}")
@@ -68,6 +83,18 @@ class ServeConfig:
         if not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"model {self.model} has no config.json; point `model` at a checkpoint dir "
                               "(e.g. the output of `rayquant quantize`)")
+
+    def api_key(self) -> str | None:
+        """The API key from the environment (None when the server is open); a named but unset or empty
+        variable is an error, never an open server."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ConfigError(f"api_key_env is {self.api_key_env} but that variable is unset or empty here; "
+                              f"export {self.api_key_env}=<key> on every node that runs replicas (k8s: from a "
+                              "Secret), or drop api_key_env to serve without a key")
+        return key
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ServeConfig":

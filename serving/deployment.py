@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NoReturn
 
 import grpc
 from ray import serve
@@ -27,8 +27,11 @@ from starlette.responses import JSONResponse
 
 from protos.grpc.health.v1 import health_pb2
 from protos.rayquant.v1 import generation_pb2 as pb
+from serving.auth import Unauthenticated, check_api_key
+from serving.proxy_hooks import proxy_env
 from serving.config import GRPC_SERVICER_FUNCTIONS, ServeConfig
 from serving.engine import GenerationEngine
+from serving.metrics import ServingMetrics
 from serving.requests import InvalidRequest, PreparedRequest, SamplingParams, StepOutput
 from serving.vllm_engine import VLLMEngine
 
@@ -36,6 +39,14 @@ log = logging.getLogger("ray.serve")
 
 _END = StopIteration  # Serve's marker for "this request's stream is over"
 _NO_OUTPUT = None  # a batch entry for a request that produced nothing at this step
+
+
+def _refuse(context: RayServegRPCContext | None, code: grpc.StatusCode, exc: Exception) -> NoReturn:
+    """Answer the call with `code` and the exception's message, then re-raise to end the handler."""
+    if context is not None:
+        context.set_code(code)
+        context.set_details(str(exc))
+    raise exc
 
 
 def sampling_params(request: pb.GenerateRequest, max_new_tokens_limit: int) -> SamplingParams:
@@ -53,6 +64,7 @@ class GenerationService:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = c = ServeConfig.from_dict(config)
         c.check_model()
+        self.api_key = c.api_key()  # a named key that is missing here fails the replica, never serves open
         self.engine_name, self.kv_cache_dtype = c.resolve_engine()
         if self.engine_name == "vllm":
             self.engine = VLLMEngine(Path(c.model), self.kv_cache_dtype, c.max_new_tokens_limit, c.max_context,
@@ -62,33 +74,52 @@ class GenerationService:
                                            c.device, c.cache_dequantized_weights)
             self._batched.set_max_batch_size(c.max_batch_size)
             self._batched.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
-        log.info("replica serving %s with the %s engine, %s KV cache", c.model, self.engine_name, self.kv_cache_dtype)
+        self.metrics = ServingMetrics(self.engine_name)
+        log.info("replica serving %s with the %s engine, %s KV cache%s", c.model, self.engine_name,
+                 self.kv_cache_dtype, ", API key required" if self.api_key else "")
 
     def __del__(self) -> None:
         """Serve calls this on replica shutdown: stop vLLM's engine process with it."""
         if getattr(self, "engine_name", None) == "vllm":
             self.engine.shutdown()
 
-    def _prepare(self, request: pb.GenerateRequest, context: RayServegRPCContext | None) -> PreparedRequest:
+    def _authenticate(self, context: RayServegRPCContext | None) -> None:
+        metadata = context.invocation_metadata() if context is not None else []
         try:
+            check_api_key(self.api_key, metadata)
+        except Unauthenticated as exc:
+            _refuse(context, grpc.StatusCode.UNAUTHENTICATED, exc)
+
+    def _prepare(self, request: pb.GenerateRequest, context: RayServegRPCContext | None) -> PreparedRequest:
+        """Limits and validation; raises InvalidRequest (INVALID_ARGUMENT) naming the problem and the fix."""
+        c = self.config
+        try:
+            size = request.ByteSize()
+            if size > c.max_request_bytes:
+                raise InvalidRequest(f"the request is {size} bytes; this server takes at most {c.max_request_bytes} "
+                                     "(max_request_bytes): send a shorter prompt")
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            params = sampling_params(request, self.config.max_new_tokens_limit)
-            return self.engine.prepare(request.prompt, messages, params)
+            params = sampling_params(request, c.max_new_tokens_limit)
+            prepared = self.engine.prepare(request.prompt, messages, params)
+            if c.max_prompt_tokens and len(prepared.prompt_ids) > c.max_prompt_tokens:
+                raise InvalidRequest(f"the prompt has {len(prepared.prompt_ids)} tokens; this server takes at most "
+                                     f"{c.max_prompt_tokens} prompt tokens (max_prompt_tokens): shorten the prompt")
+            return prepared
         except InvalidRequest as exc:
-            if context is not None:
-                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-                context.set_details(str(exc))
-            raise
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[PreparedRequest]) -> AsyncIterator[list[Any]]:
         steps = self.engine.stream(requests)
         done = [False] * len(requests)
         while not all(done):
-            step = await asyncio.to_thread(next, steps)  # decoding runs off the event loop
+            step = await asyncio.to_thread(next, steps, None)  # decoding runs off the event loop
+            if step is None:  # every remaining caller has gone
+                return
             out: list[Any] = []
             for i, item in enumerate(step):
                 if item is None or done[i]:
+                    done[i] = True
                     out.append(_END)
                 else:
                     out.append(item)
@@ -100,20 +131,48 @@ class GenerationService:
                 yield [_END if done[i] else _NO_OUTPUT for i in range(len(requests))]
 
     async def _outputs(self, prepared: PreparedRequest) -> AsyncIterator[StepOutput]:
-        """This request's outputs, read to the end of its stream (so Serve's end marker is consumed)."""
+        """This request's outputs, read to the end of its stream (so Serve's end marker is consumed). When
+        the caller goes (finished, cancelled, past its deadline) the request is closed: the transformers
+        engine stops decoding its row, vLLM aborts it."""
         if self.engine_name == "vllm":
             async for item in self.engine.outputs(prepared):
                 yield item
             return
-        async for item in self._batched(prepared):
-            if item is not _NO_OUTPUT:
-                yield item
+        try:
+            async for item in self._batched(prepared):
+                if item is not _NO_OUTPUT:
+                    yield item
+        finally:
+            prepared.closed = True
+
+    async def _serve(self, method: str, request: pb.GenerateRequest,
+                     context: RayServegRPCContext | None) -> AsyncIterator[StepOutput]:
+        """One call: API key, limits, validation, decoding, with its metrics."""
+        call, code = self.metrics.call(method), "INTERNAL"
+        try:
+            self._authenticate(context)
+            prepared = self._prepare(request, context)
+            call.accepted(len(prepared.prompt_ids))
+            async for out in self._outputs(prepared):
+                call.tokens_sent(len(out.token_ids))
+                yield out
+            code = "OK"
+        except Unauthenticated:
+            code = "UNAUTHENTICATED"
+            raise
+        except InvalidRequest:
+            code = "INVALID_ARGUMENT"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            call.finished(code)
 
     async def Generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext | None = None) -> pb.GenerateResponse:
-        prepared = self._prepare(request, grpc_context)
         text, tokens, last = [], [], None
-        async for out in self._outputs(prepared):
+        async for out in self._serve("Generate", request, grpc_context):
             text.append(out.text)
             tokens += out.token_ids
             last = out
@@ -123,8 +182,7 @@ class GenerationService:
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.GenerateChunk]:
-        prepared = self._prepare(request, grpc_context)
-        async for out in self._outputs(prepared):
+        async for out in self._serve("GenerateStream", request, grpc_context):
             chunk = pb.GenerateChunk(text=out.text, token_ids=out.token_ids)
             if out.finish_reason:
                 chunk.finish_reason = out.finish_reason
@@ -132,7 +190,9 @@ class GenerationService:
                                               completion_tokens=out.completion_tokens))
             yield chunk
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest) -> pb.ModelInfoResponse:
+    async def ModelInfo(self, request: pb.ModelInfoRequest,
+                        grpc_context: RayServegRPCContext | None = None) -> pb.ModelInfoResponse:
+        self._authenticate(grpc_context)
         qcfg = self.engine.quant_config
         return pb.ModelInfoResponse(
             model=str(self.config.model), quantized=bool(qcfg), bits=int(qcfg.get("bits", 0)),
@@ -141,7 +201,8 @@ class GenerationService:
             engine=self.engine_name)
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
-        """grpc.health.v1.Health/Check: SERVING once the model is loaded (the replica is up)."""
+        """grpc.health.v1.Health/Check: SERVING once the model is loaded (the replica is up). No API key
+        needed, so load balancers and probes can ask."""
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def __call__(self, request: Request) -> JSONResponse:
@@ -160,11 +221,12 @@ def build_app(config: ServeConfig):
     ).bind(config.to_dict())
 
 
-def start_server(config: ServeConfig, http_host: str = "127.0.0.1", blocking: bool = False) -> None:
-    """Start Serve's proxies (gRPC on config.grpc_port, HTTP on http_host:config.http_port) on the connected
-    Ray and deploy the app; returns once its replicas are up (blocking=True: serves until interrupted)."""
-    serve.start(http_options={"host": http_host, "port": config.http_port},
-                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+def start_server(config: ServeConfig, blocking: bool = False) -> None:
+    """Start Serve's proxies on the connected Ray (gRPC on config.host:grpc_port, HTTP on config.host:http_port)
+    and deploy the app; returns once its replicas are up (blocking=True: serves until interrupted)."""
+    serve.start(http_options={"host": config.host, "port": config.http_port},
+                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+                controller_options={"runtime_env": {"env_vars": proxy_env(config.host)}})
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=blocking)
 
 

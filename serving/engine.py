@@ -60,7 +60,8 @@ class GenerationEngine:
     # ---- decoding ---------------------------------------------------------------------------------
     def stream(self, requests: list[PreparedRequest]) -> Iterator[list[StepOutput | None]]:
         """Decode a batch together. Each step yields one entry per request: its new output, or None once
-        that request has finished (its final StepOutput carries finish_reason)."""
+        that request has finished (its final StepOutput carries finish_reason) or was closed by its caller.
+        Ends when every request has finished or been closed."""
         rows = [_RowState(r, torch.Generator().manual_seed(r.params.seed if r.params.seed is not None
                                                           else int.from_bytes(os.urandom(8), "little") >> 1))
                 for r in requests]
@@ -74,6 +75,10 @@ class GenerationEngine:
         cache = make_cache(self.kv_cache_dtype)
         self.last_cache = cache
         while True:
+            for row in rows:  # a caller that hung up or ran out of time frees its row
+                row.finished = row.finished or row.request.closed
+            if all(row.finished for row in rows):
+                return
             # Entered per step: the server advances this generator from worker threads (asyncio.to_thread),
             # and inference mode is thread-local, so a `with` around the whole loop would not hold on
             # the thread that runs a later step.
@@ -91,8 +96,6 @@ class GenerationEngine:
                 next_ids[i] = token
                 step.append(self._advance(row, token))
             yield step
-            if all(row.finished for row in rows):
-                return
             ids = next_ids.unsqueeze(1)
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1

@@ -24,6 +24,7 @@ class SamplingParams:
 class PreparedRequest:
     prompt_ids: list[int]
     params: SamplingParams
+    closed: bool = False  # set once the caller is gone (finished, cancelled, deadline passed): stop decoding it
 
 
 @dataclass

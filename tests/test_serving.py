@@ -1,7 +1,6 @@
 """The gRPC server on real Ray Serve over loopback, called by a real gRPC client."""
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -13,18 +12,13 @@ from typing import Iterator
 import grpc
 import pytest
 
+from bench.common import free_port
 from serving.client import GenerationClient
 from serving.config import ServeConfig
 from serving.engine import GenerationEngine, SamplingParams
 from tests.test_pipeline import run_job
 
 PROMPTS = ["The history of the Royal Navy", "Quantization reduces", "In 1776,"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +30,20 @@ def quantized_tiny(tiny_llama, tmp_path_factory, ray_local):
 
 def serve_config(model: Path, **settings) -> ServeConfig:
     """A one-replica server on free loopback ports."""
-    return ServeConfig(model=str(model), max_new_tokens_limit=64, max_batch_size=8, grpc_port=_free_port(),
-                       http_port=_free_port(),
+    return ServeConfig(model=str(model), max_new_tokens_limit=64, max_batch_size=8, grpc_port=free_port(),
+                       http_port=free_port(),
                        autoscaling={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}, **settings)
 
 
 @contextmanager
-def running_server(config: ServeConfig) -> Iterator[GenerationClient]:
+def running_server(config: ServeConfig, api_key: str | None = None) -> Iterator[GenerationClient]:
     """Ray Serve with the gRPC ingress on loopback, until the block ends; yields a client once healthy."""
     from ray import serve
 
     from serving.deployment import start_server
 
     start_server(config)
-    client = GenerationClient(f"127.0.0.1:{config.grpc_port}")
+    client = GenerationClient(f"127.0.0.1:{config.grpc_port}", api_key=api_key)
     client.wait_healthy()
     try:
         yield client

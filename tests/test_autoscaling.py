@@ -1,0 +1,142 @@
+"""Autoscaling shown on a live server: load raises the replicas from 1 to 2 and they fall back to 1 after
+it; a replica killed under load costs only the calls in flight on it (UNAVAILABLE), the rest succeed,
+and Serve replaces it."""
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.common import free_port
+from serving.client import GenerationClient
+from serving.config import ServeConfig
+from tests.test_pipeline import run_job
+from tests.test_serving import running_server
+
+APP = "autoscaled"
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_llama, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("autoscale") / "tiny-gptq"
+    run_job(tiny_llama, out, stages=1)
+    return out
+
+
+def replicas() -> list[str]:
+    """Ids of the RUNNING replicas of the app's deployment."""
+    from ray import serve
+
+    status = serve.status().applications[APP].deployments["GenerationService"]
+    return [] if status.replica_states.get("RUNNING", 0) == 0 else sorted(
+        name.split("#")[-1] for name in replica_actor_names())
+
+
+def replica_actor_names() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{APP}#")]
+
+
+def running_count() -> int:
+    from ray import serve
+
+    return serve.status().applications[APP].deployments["GenerationService"].replica_states.get("RUNNING", 0)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    """Poll until condition() is true; returns the seconds it took."""
+    start = time.time()
+    while not condition():
+        assert time.time() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.25)
+    return time.time() - start
+
+
+class Load:
+    """`clients` threads, each sending streamed greedy calls back to back until stopped. Records every
+    call as (started, ended, status code name)."""
+
+    def __init__(self, port: int, clients: int, max_new_tokens: int) -> None:
+        self.calls: list[tuple[float, float, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(port, max_new_tokens)) for _ in range(clients)]
+
+    def _run(self, port: int, max_new_tokens: int) -> None:
+        client = GenerationClient(f"127.0.0.1:{port}")
+        try:
+            while not self._stop.is_set():
+                started = time.time()
+                try:
+                    list(client.stream("Autoscaling under load", max_new_tokens=max_new_tokens, temperature=0))
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                with self._lock:
+                    self.calls.append((started, time.time(), code))
+        finally:
+            client.close()
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def config(model: Path, autoscaling: dict) -> ServeConfig:
+    return ServeConfig(model=str(model), engine="transformers", app_name=APP, max_new_tokens_limit=128,
+                       max_batch_size=2, grpc_port=free_port(), http_port=free_port(), autoscaling=autoscaling,
+                       ray_actor_options={"num_cpus": 0.5})
+
+
+def test_load_scales_replicas_up_to_two_and_back_to_one(quantized):
+    fast = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
+            "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+    cfg = config(quantized, fast)
+    with running_server(cfg):
+        assert running_count() == 1
+        with Load(cfg.grpc_port, clients=8, max_new_tokens=64) as load:
+            up_s = wait_for(lambda: running_count() == 2, 120, "a second replica under load")
+            time.sleep(2)  # both replicas take calls
+        down_s = wait_for(lambda: running_count() == 1, 120, "scale-down after the load")
+    codes = {code for _, _, code in load.calls}
+    assert codes == {"OK"}, codes
+    assert up_s < 120 and down_s < 120
+
+
+def test_a_replica_killed_under_load_costs_only_its_calls_in_flight(quantized):
+    import ray
+
+    two = {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2, "target_ongoing_requests": 2}
+    cfg = config(quantized, two)
+    with running_server(cfg):
+        wait_for(lambda: running_count() == 2, 120, "two replicas")
+        before = replica_actor_names()
+        with Load(cfg.grpc_port, clients=6, max_new_tokens=64) as load:
+            time.sleep(3)
+            victim = before[0]
+            killed_at = time.time()
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            wait_for(lambda: running_count() == 2 and victim not in replica_actor_names(), 120,
+                     "Serve to replace the killed replica")
+            replaced_at = time.time()
+            time.sleep(2)
+        after = replica_actor_names()
+    failed = [(s, e, code) for s, e, code in load.calls if code != "OK"]
+    assert failed, "no call was in flight on the killed replica"
+    assert {code for _, _, code in failed} == {"UNAVAILABLE"}, failed
+    assert all(started < killed_at for started, _, _ in failed)  # only calls already in flight at the kill
+    assert len(failed) <= 6
+    ok_after = [c for c in load.calls if c[0] > killed_at and c[2] == "OK"]
+    assert len(ok_after) >= 6  # the other replica kept answering, then the replacement too
+    assert victim not in after and len(after) == 2
+    assert replaced_at - killed_at < 120

@@ -1,0 +1,185 @@
+"""The server locked down: proxies bound to loopback, an API key from the environment checked on gRPC
+metadata (health exempt), request size and prompt length limits, client deadlines that free the batch
+slot, and the Prometheus metrics Ray exports for the replica."""
+
+import os
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.common import free_port
+from serving.client import GenerationClient
+from serving.config import ServeConfig
+from tests.test_pipeline import run_job
+from tests.test_serving import running_server
+
+KEY_ENV, KEY = "RAYQUANT_TEST_API_KEY", "test-key-0123456789"
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port` ('127.0.0.1', '0.0.0.0', '::'), from /proc."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.rpartition(":")
+            if state != "0A" or int(hex_port, 16) != port:
+                continue
+            if len(address) == 32 and address.startswith("0000000000000000FFFF0000"):  # IPv4-mapped IPv6
+                address = address[24:]
+            if len(address) == 8:
+                found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+            else:
+                found.add("::" if int(address, 16) == 0 else address)
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_with_key_and_metrics():
+    """A local Ray whose workers see the API key (they inherit this environment) and export metrics."""
+    import ray
+
+    os.environ[KEY_ENV] = KEY
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
+    yield metrics_port
+    ray.shutdown()
+    del os.environ[KEY_ENV]
+
+
+@pytest.fixture(scope="module")
+def locked_server(tiny_llama, tmp_path_factory, ray_with_key_and_metrics):
+    out = tmp_path_factory.mktemp("locked") / "tiny-gptq"
+    run_job(tiny_llama, out, stages=1)
+    config = ServeConfig(model=str(out), engine="transformers", api_key_env=KEY_ENV, max_prompt_tokens=32,
+                         max_request_bytes=2048, max_new_tokens_limit=900, max_batch_size=1,
+                         grpc_port=free_port(), http_port=free_port(),
+                         autoscaling={"min_replicas": 1, "max_replicas": 1})
+    with running_server(config, api_key=KEY) as client:
+        yield config, client
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def test_default_config_binds_loopback_only():
+    assert ServeConfig(model="m").host == "127.0.0.1" and ServeConfig(model="m").api_key_env is None
+
+
+def test_proxies_listen_on_loopback_only(locked_server):
+    config, _ = locked_server
+    assert listening_addresses(config.grpc_port) == {"127.0.0.1"}
+    assert listening_addresses(config.http_port) == {"127.0.0.1"}
+
+
+def test_calls_need_the_api_key_but_health_does_not(locked_server):
+    config, client = locked_server
+    address = f"127.0.0.1:{config.grpc_port}"
+    for key in (None, "wrong-key"):
+        other = GenerationClient(address, api_key=key)
+        try:
+            for call in (lambda: other.generate("hi", max_new_tokens=2), lambda: list(other.stream("hi")),
+                         other.model_info):
+                error = rpc_error(call)
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert ("needs an API key" if key is None else "not valid") in error.details()
+            assert other.healthy()  # grpc.health.v1 needs no key
+        finally:
+            other.close()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{config.http_port}/healthz", timeout=30).read()
+    assert b'"ok"' in body
+    assert client.generate("hi", max_new_tokens=2, temperature=0).usage.completion_tokens >= 1
+    assert client.model_info().bits == 4
+
+
+def test_request_size_and_prompt_length_limits(locked_server):
+    _, client = locked_server
+    long_prompt = " ".join(["word"] * 40)  # > 32 tokens, < 2048 bytes
+    huge_prompt = "x" * 3000  # > 2048 bytes
+    for kwargs, message in (({"prompt": long_prompt}, "at most 32 prompt tokens (max_prompt_tokens)"),
+                            ({"prompt": huge_prompt}, "at most 2048 (max_request_bytes)")):
+        for call in (lambda: client.generate(max_new_tokens=2, **kwargs),
+                     lambda: list(client.stream(max_new_tokens=2, **kwargs))):
+            error = rpc_error(call)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details()
+
+
+def test_a_deadline_that_passes_frees_the_batch_slot(locked_server):
+    """One batch slot. A long call whose deadline passes must stop decoding at once: a short call queued
+    behind it finishes right after the deadline, not after the long call's full decode."""
+    _, client = locked_server
+    started = time.perf_counter()
+    full = client.generate("Once upon a time", max_new_tokens=900, temperature=0)
+    full_s = time.perf_counter() - started
+    assert full.usage.completion_tokens > 300, "the tiny model stopped early; the test needs a long decode"
+    deadline_s = full_s / 4
+    outcome = {}
+
+    def long_call():
+        try:
+            client.generate("Once upon a time", max_new_tokens=900, temperature=0, timeout_s=deadline_s)
+        except grpc.RpcError as exc:
+            outcome["long"] = exc.code()
+
+    thread = threading.Thread(target=long_call)
+    started = time.perf_counter()
+    thread.start()
+    time.sleep(0.1)
+    short = client.generate("Hello", max_new_tokens=4, temperature=0)
+    outcome["short_s"] = time.perf_counter() - started
+    thread.join()
+    assert outcome["long"] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert short.usage.completion_tokens >= 1
+    assert outcome["short_s"] < deadline_s + full_s / 2, (outcome, full_s)  # ≈ full_s if the slot stayed taken
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text → {'name{labels}': value} for the rayquant series."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    series = {}
+    for line in text.splitlines():
+        if line.startswith("ray_rayquant_"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
+def total(series: dict[str, float], name: str, **labels: str) -> float:
+    return sum(v for k, v in series.items() if k.split("{")[0] == name
+               and all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
+
+
+def test_metrics_are_exported_for_prometheus(locked_server, ray_with_key_and_metrics):
+    _, client = locked_server
+    before = scrape(ray_with_key_and_metrics)
+    response = client.generate("Metrics count tokens", max_new_tokens=8, temperature=0)
+    list(client.stream("Metrics count streams too", max_new_tokens=8, temperature=0))
+    unauthenticated = GenerationClient(f"127.0.0.1:{locked_server[0].grpc_port}")
+    rpc_error(lambda: unauthenticated.generate("no key"))
+    unauthenticated.close()
+    deadline = time.time() + 60
+    while True:
+        after = scrape(ray_with_key_and_metrics)
+        name = "ray_rayquant_requests_total"
+        ok = total(after, name, code="OK") - total(before, name, code="OK")
+        if ok >= 2 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert ok >= 2
+    assert total(after, "ray_rayquant_requests_total", code="UNAUTHENTICATED") >= 1
+    assert total(after, "ray_rayquant_requests_total", method="GenerateStream", code="OK") >= 1
+    name = "ray_rayquant_generated_tokens_total"
+    generated = total(after, name) - total(before, name)
+    assert generated >= response.usage.completion_tokens
+    assert total(after, "ray_rayquant_time_to_first_token_seconds_count") >= 2
+    assert total(after, "ray_rayquant_decode_tokens_per_second_count") >= 1
+    assert "ray_rayquant_queue_depth" in {k.split("{")[0] for k in after}
+    assert total(after, "ray_rayquant_requests_in_flight") == 0
