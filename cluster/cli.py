@@ -146,9 +146,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from cluster.driver import default_budget, resolve_model
+    from cluster.driver import default_budget, job_sizes, resolve_model
     from cluster.job import load_job
-    from cluster.plan import describe, model_sizes, plan_stages
+    from cluster.plan import describe, plan_stages
     from quantizer.layer_builder import padded_intermediate
     from quantizer.model_io import CheckpointReader
 
@@ -156,8 +156,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     reader = CheckpointReader(resolve_model(job.model))
     tokens = job.calibration.batch_size * job.calibration.max_len
     intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
-    sizes = model_sizes(reader, tokens, job.resources.max_inflight_chunks, intermediate)
-    print(describe(plan_stages(sizes, job.stages, default_budget(job))))
+    print(describe(plan_stages(job_sizes(reader, job, intermediate, tokens), job.stages, default_budget(job))))
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan}

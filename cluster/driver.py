@@ -94,6 +94,14 @@ def default_budget(job: JobConfig) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
 
+def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, tokens_per_batch: int):
+    """The planner's sizes for this job: stages compute in fp32 on CPU, in the checkpoint dtype on GPU;
+    pipelined stages keep their float layers."""
+    return model_sizes(reader, tokens_per_batch, job.resources.max_inflight_chunks, intermediate,
+                       compute_bytes=None if job.resources.gpus_per_stage else 4,
+                       pipelined=job.schedule == "pipelined")
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """A ConfigError raised inside an actor reaches the driver wrapped; hand the user the original."""
     cause = getattr(exc, "cause", None)
@@ -113,8 +121,8 @@ class Driver:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batches = make_batches(samples, job.calibration.batch_size, pad)
         tokens_per_batch = max(b.input_ids.numel() for b in self.batches)
-        sizes = model_sizes(self.reader, tokens_per_batch, job.resources.max_inflight_chunks, self.intermediate)
-        self.plans: list[StagePlan] = plan_stages(sizes, job.stages, default_budget(job))
+        self.plans: list[StagePlan] = plan_stages(job_sizes(self.reader, job, self.intermediate, tokens_per_batch),
+                                                  job.stages, default_budget(job))
         self.actors: list = []
         log.info("%s", describe(self.plans))
 

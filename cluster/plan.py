@@ -29,38 +29,73 @@ class StagePlan:
         return self.weight_bytes + self.workspace_bytes
 
 
+BASE_BYTES = GB // 2  # a stage process before it loads anything: torch, the Ray worker (or a CUDA context)
+
+
 @dataclass(frozen=True)
 class ModelSizes:
-    layer_bytes: list[int]  # float bytes of each decoder layer, in checkpoint dtype
-    first_extra: int  # embeddings, on stage 0
-    last_extra: int  # final norm + lm_head, on the last stage
-    workspace: int  # per-stage working memory independent of the layer count
+    """What one stage holds at its peak, by part. A stage quantizes one layer at a time: it holds that
+    layer in its compute dtype and one GPTQ solve's workspace; under the pipelined schedule it also keeps
+    all its float layers (they make the next stages' inputs)."""
+    layer_bytes: list[int]  # float bytes of each decoder layer, in checkpoint dtype (also balances the work)
+    first_extra: int  # embeddings (checkpoint dtype), held by stage 0 throughout
+    last_extra: int  # final norm + lm_head, loaded by the last stage only to write its shard
+    workspace: int  # one layer's solve (Hessian inversion or column loop) + activation buffers
+    compute_scale: float = 1.0  # compute bytes / checkpoint bytes of a weight: 2 for bf16 computed in fp32 (CPU)
+    all_layers_resident: bool = False  # pipelined schedule: the stage's float layers stay loaded
+    base: int = 0  # the process itself
 
 
-def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, intermediate: int) -> ModelSizes:
-    """Sizes for planning. Workspace: the largest Hessian ×3 (H, its Cholesky, H⁻¹ factor, fp32), plus
-    `inflight` activation batches in and out and one MLP-wide intermediate in fp32."""
+def solve_workspace(groups: list[tuple[int, int]]) -> int:
+    """Peak bytes of the GPTQ solves of one layer, for its sequential groups as (stacked rows, in_features):
+    inverting H holds ~2.5 [in, in] fp32 matrices beside 2 copies of the stacked weight; the column loop
+    holds H⁻¹ beside 4 weight-sized fp32 buffers and the uint8 codes."""
+    return max(max(int(2.5 * i * i * 4) + 2 * r * i * 4, i * i * 4 + 4 * r * i * 4 + r * i) for r, i in groups)
+
+
+def solve_groups(reader: CheckpointReader, intermediate: int) -> list[tuple[int, int]]:
+    """(stacked rows, in_features) of each sequential group of layer 0, with the MLP padded to `intermediate`."""
+    cfg, arch = reader.config, reader.arch
+    width = int(cfg.intermediate_size)
+    groups = []
+    for group in arch.sequential:
+        shapes = [reader.tensors[f"{arch.layer_prefix(0)}.{name}.weight"].shape for name in group]
+        rows = sum(intermediate if shape[0] == width else shape[0] for shape in shapes)
+        in_features = intermediate if shapes[0][1] == width else shapes[0][1]
+        groups.append((rows, in_features))
+    return groups
+
+
+def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, intermediate: int,
+                compute_bytes: int | None = None, pipelined: bool = False) -> ModelSizes:
+    """Sizes for planning. compute_bytes: bytes per weight in the stage's compute dtype (4 on CPU; None =
+    the checkpoint's); pipelined: stages keep their float layers. Activations: `inflight` batches in
+    and out and one MLP-wide intermediate, fp32."""
     cfg, arch = reader.config, reader.arch
     hidden = int(cfg.hidden_size)
-    widest = max(hidden, intermediate)
-    hessians = 3 * widest * widest * 4
     activations = 2 * inflight * tokens_per_batch * hidden * 4 + tokens_per_batch * intermediate * 4 * 3
     head = reader.tensor_bytes(arch.lm_head) or 0
+    checkpoint_bytes = reader.tensors[arch.embed + ".weight"].dtype_torch.itemsize
     return ModelSizes(
         layer_bytes=[reader.layer_bytes(i) for i in range(reader.num_layers)],
         first_extra=reader.tensor_bytes(arch.embed),
         last_extra=reader.tensor_bytes(arch.final_norm) + head,
-        workspace=hessians + activations,
+        workspace=solve_workspace(solve_groups(reader, intermediate)) + activations,
+        compute_scale=(compute_bytes or checkpoint_bytes) / checkpoint_bytes,
+        all_layers_resident=pipelined,
+        base=BASE_BYTES,
     )
 
 
 def _stage_cost(sizes: ModelSizes, start: int, stop: int, n_layers: int) -> int:
-    cost = sum(sizes.layer_bytes[start:stop]) + sizes.workspace
-    if start == 0:
-        cost += sizes.first_extra
+    """Peak bytes of the stage with layers [start, stop): the quantizing phase, or writing the shard."""
+    layers = sizes.layer_bytes[start:stop]
+    held = (sum(layers) if sizes.all_layers_resident else 0) + max(layers)
+    cost = sizes.base + int(held * sizes.compute_scale) + sizes.workspace
+    ends = sizes.first_extra if start == 0 else 0
     if stop == n_layers:
-        cost += sizes.last_extra
-    return cost
+        return max(cost + ends, sizes.base + ends + sizes.last_extra)
+    return cost + ends
 
 
 def _balanced_split(sizes: ModelSizes, stages: int, by_memory: bool) -> list[range]:

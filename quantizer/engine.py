@@ -190,12 +190,11 @@ class StageEngine:
         weights = [layer.get_submodule(name).weight.detach().float() for name in group]
         for name, w in zip(group, weights):
             self.qcfg.check_in_features(name, w.shape[1])
-        hessian = acc.hessian()
         stacked = torch.cat(weights)
         if self.qcfg.method == "gptq":
-            result = gptq_quantize(stacked, hessian, self.qcfg)
+            result = gptq_quantize(stacked, acc, self.qcfg)  # the accumulator hands its Hessian over
         else:
-            result = rtn_quantize(stacked, self.qcfg, hessian)
+            result = rtn_quantize(stacked, self.qcfg, acc.take_hessian())
         results: dict[str, QuantResult] = {}
         row = 0
         for name, w in zip(group, weights):

@@ -64,6 +64,13 @@ def gpu_workers(manifest: dict) -> list[tuple[int, int]]:
     return out
 
 
+def pod_containers(manifest: dict) -> list[dict]:
+    """Every container of the head and worker pod templates."""
+    spec = cluster_spec(manifest)
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
 def check_serve_config(text: str) -> list[dict]:
     """serveConfigV2 against Ray Serve's own schema; import paths resolve; app args validate."""
     from ray.serve.schema import ServeDeploySchema

@@ -6,11 +6,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from cluster.plan import GB, model_sizes, plan_stages
+from cluster.driver import job_sizes
+from cluster.plan import GB, plan_stages
 from quantizer.layer_builder import padded_intermediate
 from quantizer.model_io import CheckpointReader
+from serving.proxy_hooks import proxy_env
 from tests.k8s_checks import (REPO, broken, check_entrypoint, check_serve_config, cluster_spec, gpu_workers,
-                              load_manifest, validate_crd)
+                              load_manifest, pod_containers, validate_crd)
 
 MANIFESTS = sorted(p for p in (REPO / "k8s").rglob("*.yaml") if p.name != "pvc.yaml")
 
@@ -34,6 +36,19 @@ def test_manifest_is_valid(path: Path):
         assert bool(gpus) == bool(workers), "replicas ask for GPUs that no worker group has (or the reverse)"
         ports = {p["port"] for p in manifest["spec"]["serveService"]["spec"]["ports"]}
         assert 9000 in ports
+        check_exposed_and_locked(manifest, args)
+
+
+def check_exposed_and_locked(manifest: dict, args: dict) -> None:
+    """A RayService binds 0.0.0.0 on purpose (the Service routes to it): said in the app args and set on
+    every pod for the gRPC proxies, with the API key from a Secret and Ray's metrics port open."""
+    assert args["host"] == "0.0.0.0" and args["api_key_env"]
+    assert "0.0.0.0" in manifest["spec"]["serveConfigV2"].split("http_options:")[1].split("applications:")[0]
+    for container in pod_containers(manifest):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert {k: env[k].get("value") for k in proxy_env("0.0.0.0")} == proxy_env("0.0.0.0"), container["name"]
+        assert env[args["api_key_env"]]["valueFrom"]["secretKeyRef"]["name"]
+        assert 8080 in {p["containerPort"] for p in container.get("ports", [])}
 
 
 def test_72b_job_resources_fit_the_plan(tmp_path):
@@ -45,8 +60,7 @@ def test_72b_job_resources_fit_the_plan(tmp_path):
     reader = CheckpointReader(write_header_only_checkpoint(tmp_path / "Qwen2-72B", QWEN2_72B))
     intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
     assert intermediate == 29696 and intermediate // 8 % 128 == 0  # splits over 8 GPUs in g128 groups
-    sizes = model_sizes(reader, job.calibration.batch_size * job.calibration.max_len,
-                        job.resources.max_inflight_chunks, intermediate)
+    sizes = job_sizes(reader, job, intermediate, job.calibration.batch_size * job.calibration.max_len)
     plans = plan_stages(sizes, job.stages, int(job.resources.memory_per_stage_gb * GB))
     assert len(plans) == 8 == sum(pods * gpus for pods, gpus in gpu_workers(manifest))
     (group,) = cluster_spec(manifest)["workerGroupSpecs"]

@@ -133,8 +133,9 @@ def test_resume_with_changed_settings_is_refused_and_keeps_work(tiny_llama, tmp_
 
 
 def test_plan_that_cannot_fit_is_refused(tiny_llama, tmp_path):
-    with pytest.raises(ConfigError, match="1 stages do not fit.*use at least 2 stages"):
-        run_job(tiny_llama, tmp_path / "nofit", stages=1, **{"resources.memory_per_stage_gb": 0.018})
+    with pytest.raises(ConfigError, match="1 stages do not fit: the largest stage needs 0.52 GB but each stage "
+                                          "has 0.30 GB;.* use devices with more memory"):
+        run_job(tiny_llama, tmp_path / "nofit", stages=1, **{"resources.memory_per_stage_gb": 0.3})
     assert not (tmp_path / "nofit").exists() and not (tmp_path / ".nofit.partial").exists()
 
 

@@ -2,34 +2,41 @@
 
 import pytest
 
-from cluster.plan import GB, ModelSizes, model_sizes, plan_stages
+from cluster.plan import GB, ModelSizes, model_sizes, plan_stages, solve_groups
 from quantizer.errors import ConfigError
 from quantizer.model_io import CheckpointReader
 
 
-def test_equal_work_when_memory_allows_else_memory_balanced():
-    sizes = ModelSizes(layer_bytes=[10] * 12, first_extra=20, last_extra=0, workspace=5)
-    plans = plan_stages(sizes, 3, budget_bytes=1000)
+def test_sequential_stages_hold_one_layer_pipelined_stages_hold_all():
+    one = ModelSizes(layer_bytes=[10] * 12, first_extra=20, last_extra=7, workspace=5, base=1)
+    plans = plan_stages(one, 3, budget_bytes=1000)
     assert [(p.layers.start, p.layers.stop) for p in plans] == [(0, 4), (4, 8), (8, 12)]
-    assert [p.total_bytes for p in plans] == [65, 45, 45]
-    tight = plan_stages(sizes, 3, budget_bytes=60)  # equal work would need 65 on stage 0
-    assert [(p.layers.start, p.layers.stop) for p in tight] == [(0, 3), (3, 7), (7, 12)] or \
-        len(tight[0].layers) < len(tight[2].layers)
-    assert max(p.total_bytes for p in tight) <= 60
+    assert [p.total_bytes for p in plans] == [1 + 10 + 5 + 20, 1 + 10 + 5, 1 + 10 + 5]  # head only when writing
+    fp32 = ModelSizes(layer_bytes=[10] * 12, first_extra=20, last_extra=0, workspace=5, compute_scale=2.0)
+    assert [p.total_bytes for p in plan_stages(fp32, 3, budget_bytes=1000)] == [45, 25, 25]
+    cached = ModelSizes(layer_bytes=[10] * 12, first_extra=20, last_extra=0, workspace=5, all_layers_resident=True)
+    assert [p.total_bytes for p in plan_stages(cached, 3, budget_bytes=1000)] == [75, 55, 55]
+    tight = plan_stages(cached, 3, budget_bytes=70)  # equal work would need 75 on stage 0: memory-balanced
+    assert len(tight[0].layers) < len(tight[2].layers) and max(p.total_bytes for p in tight) <= 70
+
+
+def test_the_last_stage_peaks_when_the_head_is_bigger_than_the_workspace():
+    sizes = ModelSizes(layer_bytes=[10] * 4, first_extra=0, last_extra=100, workspace=5)
+    assert [p.total_bytes for p in plan_stages(sizes, 2, budget_bytes=1000)] == [15, 100]
 
 
 def test_auto_picks_fewest_stages_that_fit():
-    sizes = ModelSizes(layer_bytes=[10] * 8, first_extra=0, last_extra=0, workspace=0)
-    assert len(plan_stages(sizes, "auto", budget_bytes=40)) == 2
-    assert len(plan_stages(sizes, "auto", budget_bytes=80)) == 1
+    sizes = ModelSizes(layer_bytes=[10] * 8, first_extra=0, last_extra=0, workspace=0, all_layers_resident=True)
+    assert len(plan_stages(sizes, "auto", budget_bytes=50)) == 2
+    assert len(plan_stages(sizes, "auto", budget_bytes=90)) == 1
 
 
 def test_refuses_a_plan_that_cannot_fit_and_says_what_fits():
-    sizes = ModelSizes(layer_bytes=[GB] * 8, first_extra=0, last_extra=0, workspace=0)
+    sizes = ModelSizes(layer_bytes=[GB] * 8, first_extra=0, last_extra=0, workspace=0, all_layers_resident=True)
     with pytest.raises(ConfigError, match="use at least 4 stages"):
-        plan_stages(sizes, 2, budget_bytes=2 * GB)
+        plan_stages(sizes, 2, budget_bytes=3 * GB)
     with pytest.raises(ConfigError, match="even one layer per stage"):
-        plan_stages(sizes, "auto", budget_bytes=GB // 2)
+        plan_stages(sizes, "auto", budget_bytes=GB)
 
 
 def test_qwen2_72b_sizes_from_a_header_only_checkpoint(tmp_path):
@@ -39,11 +46,17 @@ def test_qwen2_72b_sizes_from_a_header_only_checkpoint(tmp_path):
     sizes = model_sizes(reader, tokens_per_batch=4 * 2048, inflight=4, intermediate=29696)
     assert sum(sizes.layer_bytes) / GB == pytest.approx(130.8, abs=0.1)  # 877.7M params × 2 B per layer
     assert sizes.first_extra == sizes.last_extra - 8192 * 2 == 152064 * 8192 * 2
-    plans = plan_stages(sizes, 8, budget_bytes=80 * GB)
+    assert solve_groups(reader, 29696) == [(8192 + 2 * 1024, 8192), (8192, 8192), (2 * 29696, 8192),
+                                           (8192, 29696)]
+    # the down_proj solve dominates: 2.5 H-sized fp32 matrices (29696²) beside two copies of its weight
+    assert sizes.workspace >= int(2.5 * 29696**2 * 4) + 2 * 8192 * 29696 * 4
+    plans = plan_stages(sizes, 8, budget_bytes=80 * GB)  # sequential on 80 GB GPUs: one bf16 layer + workspace
     assert [len(p.layers) for p in plans] == [10] * 8
-    assert max(p.total_bytes for p in plans) < 40 * GB
-    with pytest.raises(ConfigError, match="needs 150.00 GB .* use at least 3 stages"):
-        plan_stages(sizes, 1, budget_bytes=80 * GB)
+    assert max(p.total_bytes for p in plans) < 25 * GB
+    assert len(plan_stages(sizes, "auto", budget_bytes=80 * GB)) == 1  # layers stream: one GPU holds the job
+    pipelined = model_sizes(reader, 4 * 2048, 4, 29696, pipelined=True)
+    with pytest.raises(ConfigError, match="needs 149.98 GB .*use at least 3 stages"):
+        plan_stages(pipelined, 1, budget_bytes=80 * GB)  # pipelined stages keep their float layers
 
 
 def test_model_sizes_from_headers(tiny_llama):
