@@ -118,12 +118,27 @@ def _serving_kv_cache(ax, rows: Rows) -> None:
            "greedy tokens before divergence from the same engine's fp16 cache (fraction)", "KV cache quality")
 
 
+def _rehearsal_72b(ax, rows: Rows) -> None:
+    stages = sorted({r["stage"] for r in rows})
+    measured = [next(r["stage_peak_rss_gb"] for r in rows if r["stage"] == k) for k in stages]
+    planned = [next(r["planned_gb"] for r in rows if r["stage"] == k) for k in stages]
+    x = list(range(len(stages)))
+    ax.bar([i - 0.2 for i in x], planned, 0.4, label="planner estimate", color="tab:gray")
+    ax.bar([i + 0.2 for i in x], measured, 0.4, label="measured peak RSS", color="tab:blue")
+    for i, (m, p) in enumerate(zip(measured, planned)):
+        ax.annotate(f"{m / p:.2f}×", (i + 0.2, m), textcoords="offset points", xytext=(-8, 3), fontsize=9)
+    ax.set_xticks(x, [f"stage {k}" for k in stages])
+    ax.set_ylabel("GiB")
+    ax.set_title("Qwen2-72B-shaped layers on CPU: stage memory, planned vs measured")
+    ax.legend()
+
+
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "solve_cuda": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
     "serving_engines": _serving_engines, "serving_kv_cache": _serving_kv_cache,
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
-    "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode,
+    "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode, "rehearsal_72b": _rehearsal_72b,
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import shutil
 import tempfile
 from pathlib import Path
@@ -128,7 +129,14 @@ def main() -> None:
     try:
         float_dir, out = work / "qwen2-72b-shaped", work / "qwen2-72b-shaped-gptq"
         if not (float_dir / "model.safetensors.index.json").is_file():
-            write_random_checkpoint(float_dir, args.layers)
+            # In a child process: the quantize CLI is forked from this one, and Linux carries a process's
+            # peak RSS across fork + exec, so this process must stay small for the driver's figure.
+            writer = multiprocessing.get_context("spawn").Process(target=write_random_checkpoint,
+                                                                  args=(float_dir, args.layers))
+            writer.start()
+            writer.join()
+            if writer.exitcode:
+                raise RuntimeError(f"writing the random checkpoint failed (exit code {writer.exitcode})")
         calibration = plain_calibration_text(work / "calibration.txt")
         _, wall = run_cli("quantize", "--config", "configs/qwen2-72b.yaml", "--model", str(float_dir),
                           "--calib", str(calibration), "--out", str(out), "--overwrite", "--stages", "2",

@@ -27,6 +27,7 @@ __all__ = ["gptq_quantize", "inverse_hessian_cholesky"]
 log = logging.getLogger(__name__)
 
 SUB_BLOCK = 16  # columns per rank-1 update region inside a lazy block
+LOSS_ROWS = 1024  # rows dequantized at a time for the loss
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor | list[torch.Tensor], damp_percent: float
@@ -103,6 +104,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulat
     Hinv, fallback, lam = inverse_hessian_cholesky(holder, cfg.damp_percent)
     Wt = (W if perm is None else W[:, perm]).t().contiguous()  # [in, out], permuted column order
     codes_t, scaled_err, grids = _column_loop(Wt, Hinv, cfg, group, static_params, perm)
+    del Wt, Hinv
 
     perm_cols = torch.arange(in_f, device=W.device) if perm is None else perm
     invperm = torch.argsort(perm_cols)
@@ -126,8 +128,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulat
     )
     # Σ (err/d)² is ΔW(H + λI)ΔWᵀ exactly (each column's error is the exact increase of the objective);
     # subtracting λ‖ΔW‖² leaves the undamped output error, without an [out, in] × [in, in] product.
-    delta = W - result.dequantize()
-    result.row_losses = ((scaled_err * scaled_err).sum(0) - lam * (delta * delta).sum(1)) / 2
+    # Both terms without weight-sized temporaries (four of them would be 8 GB for Qwen2-72B's gate/up).
+    err_sq = scaled_err.square_().sum(0)
+    del scaled_err
+    delta_sq = torch.empty(W.shape[0], device=W.device)
+    for r0 in range(0, W.shape[0], LOSS_ROWS):
+        rows = slice(r0, r0 + LOSS_ROWS)
+        delta = W[rows] - result.dequantize(rows)
+        delta_sq[rows] = (delta * delta).sum(1)
+    result.row_losses = (err_sq - lam * delta_sq) / 2
     result.loss = float(result.row_losses.sum())
     result.seconds = time.perf_counter() - start
     return result

@@ -18,12 +18,12 @@ class QuantResult:
     cholesky_fallback: str = ""  # set when H needed float64 or extra dampening (GPTQ only)
     row_losses: torch.Tensor | None = None  # [out] each row's share of loss, when a Hessian was given
 
-    def dequantize(self) -> torch.Tensor:
-        """Reconstructed weight W_q: [out, in] float32."""
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Reconstructed weight W_q: [out, in] float32 (or just `rows` of it)."""
         g = self.g_idx.long()
-        scale = self.scales.float().t().contiguous().index_select(1, g)  # [out, in]
-        zero = self.zeros.float().t().contiguous().index_select(1, g)
-        return (self.codes.float() - zero).mul_(scale)
+        scale = self.scales[:, rows].float().t().contiguous().index_select(1, g)  # [rows, in]
+        zero = self.zeros[:, rows].float().t().contiguous().index_select(1, g)
+        return (self.codes[rows].float() - zero).mul_(scale)
 
 
 def output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:

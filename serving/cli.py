@@ -15,7 +15,10 @@ log = logging.getLogger("rayquant")
 def add_serving_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over gRPC with Ray Serve (blocks until stopped)",
                        description="Start Ray Serve with a gRPC ingress (rayquant.v1.Generation and "
-                       "grpc.health.v1.Health) and GET /healthz over HTTP. Local Ray unless --address.")
+                       "grpc.health.v1.Health) and GET /healthz over HTTP, bound to 127.0.0.1 unless the "
+                       "config's host or --host says otherwise; with api_key_env set, calls need "
+                       "`authorization: Bearer <key>`. Local Ray (Prometheus metrics on metrics_port) "
+                       "unless --address.")
     p.add_argument("--config", type=Path, required=True, help="serve config YAML (see configs/serve.yaml)")
     p.add_argument("--model", help="override the config's checkpoint dir")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
