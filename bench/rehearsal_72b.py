@@ -4,14 +4,18 @@ quantized end to end by `rayquant quantize` with 2 stages on the Qwen2-72B job s
 calibration tokens.
 
 Records wall time per layer, each stage's peak RSS against the planner's estimate for that stage, and
-checks that the output loads in our QuantLinear (layer outputs against the float weights) and in
-transformers (a forward pass against the float model's logits).
-Usage: python -m bench.rehearsal_72b [--layers 2]   (~40 min and ~20 GB RAM on 2 cores; writes ~9 GB to --work)
+checks the output: layer 0's projections through our QuantLinear on their real float-model inputs, against
+the float weights and against round-to-nearest (bench/results/rehearsal_72b_layer0.md); whole-model logits
+through our loader against the checkpoint's dequantized weights and the float model, and through
+transformers' own GPTQ loader when GPTQModel is installed.
+Usage: python -m bench.rehearsal_72b [--layers 2] [--work DIR [--checks-only]]   (~45 min and ~20 GB RAM on 2 cores;
+writes ~14 GB to --work)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -22,15 +26,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import run_cli, write_results
 from quantizer.assets import default_model_dir
-from quantizer.calibration import default_calibration_file, load_texts
+from quantizer.calibration import (CalibrationConfig, default_calibration_file, default_eval_file, load_texts,
+                                  tokenize_samples)
 from quantizer.config import QuantConfig
 from quantizer.loading import load_model
-from quantizer.packing import PackedLinear
+from quantizer.packing import PackedLinear, dequantize_packed
 from quantizer.qlinear import QuantLinear
+from quantizer.rtn import rtn_quantize
 from tests.synthetic_checkpoint import QWEN2_72B, llama_like_tensors
 
 log = logging.getLogger("bench")
@@ -79,72 +85,166 @@ def plain_calibration_text(path: Path) -> Path:
     return path
 
 
-def quantlinear_errors(float_dir: Path, quant_dir: Path, layer: int) -> dict[str, float]:
-    """Relative output error ‖x·Ŵᵀ − x·Wᵀ‖/‖x·Wᵀ‖ of our QuantLinear for each projection of `layer`, on
-    256 random inputs (zeros in the padded input columns of down_proj; padded output rows left out)."""
-    qcfg = QuantConfig.from_hf(json.loads((quant_dir / "config.json").read_text())["quantization_config"])
-    prefix = f"model.layers.{layer}"
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
+def _packed_linear(quant_dir: Path, name: str, bits: int) -> tuple[PackedLinear, torch.Tensor | None]:
     index = json.loads((quant_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    float_index = json.loads((float_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    errors = {}
-    gen = torch.Generator().manual_seed(1)
-    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
-        name = f"{prefix}.{proj}"
-        with safe_open(str(quant_dir / index[f"{name}.qweight"]), framework="pt") as f:
-            packed = PackedLinear(*(f.get_tensor(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")),
-                                  bits=qcfg.bits)
-            bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in f.keys() else None
-        with safe_open(str(float_dir / float_index[f"{name}.weight"]), framework="pt") as f:
-            weight = f.get_tensor(f"{name}.weight").float()
+    with safe_open(str(quant_dir / index[f"{name}.qweight"]), framework="pt") as f:
+        packed = PackedLinear(*(f.get_tensor(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")),
+                              bits=bits)
+        bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in f.keys() else None
+    return packed, bias
+
+
+def _float_weight(float_dir: Path, name: str) -> torch.Tensor:
+    index = json.loads((float_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(float_dir / index[f"{name}.weight"]), framework="pt") as f:
+        return f.get_tensor(f"{name}.weight").float()
+
+
+def calibration_windows(calibration: Path, tokenizer) -> list[torch.Tensor]:
+    """The 16 × 512-token sequences the quantize job drew from `calibration` (same settings, same seed)."""
+    return tokenize_samples(calibration, tokenizer, CalibrationConfig(num_samples=16, max_len=512, batch_size=4))
+
+
+def heldout_windows(tokenizer, windows: int = 2, tokens: int = 512) -> list[torch.Tensor]:
+    """`windows` × `tokens` tokens of the shipped held-out Wikipedia text."""
+    ids = tokenizer(default_eval_file().read_text(), return_tensors="pt").input_ids[0]
+    return [ids[i * tokens : (i + 1) * tokens] for i in range(windows)]
+
+
+def capture_first_layer_inputs(quant_dir: Path, windows: dict[str, list[torch.Tensor]]) -> dict[str, dict]:
+    """The inputs each projection of decoder layer 0 sees in the quantized model, computed in float32 as
+    the quantize job computes them on CPU (embeddings → layer 0, true-sequential: o_proj after the
+    quantized q/k/v, and so on): {window set: {projection: X [tokens, in] float32}}."""
+    model = load_model(quant_dir, dtype=torch.bfloat16)
+    block = model.model.layers[0].float()
+    captured: dict[str, dict[str, list[torch.Tensor]]] = {key: {p: [] for p in PROJECTIONS} for key in windows}
+    with torch.no_grad():
+        for key, sequences in windows.items():
+            hooks = [block.get_submodule(p).register_forward_pre_hook(
+                lambda _m, args, into=captured[key][p]: into.append(args[0][0].float().clone()))
+                for p in PROJECTIONS]
+            for ids in sequences:
+                hidden = model.model.embed_tokens(ids[None]).float()
+                positions = torch.arange(ids.shape[0])[None]
+                block(hidden, attention_mask=None, position_ids=positions,
+                      position_embeddings=model.model.rotary_emb(hidden, positions))
+            for hook in hooks:
+                hook.remove()
+    del model
+    return {key: {p: torch.cat(xs) for p, xs in per_proj.items()} for key, per_proj in captured.items()}
+
+
+def quantlinear_errors(float_dir: Path, quant_dir: Path, windows: dict[str, list[torch.Tensor]]) -> list[dict]:
+    """Relative output error ‖X·Ŵᵀ − X·Wᵀ‖/‖X·Wᵀ‖ of each projection of layer 0: Ŵ from our QuantLinear on the
+    GPTQ checkpoint, and from round-to-nearest on the same grid; X from `capture_first_layer_inputs`.
+    The MLP padding is zero on both sides (padded gate/up rows left out, down_proj's padded inputs zero)."""
+    qcfg = QuantConfig.from_hf(json.loads((quant_dir / "config.json").read_text())["quantization_config"])
+    inputs = capture_first_layer_inputs(quant_dir, windows)
+    rows = []
+    for proj in PROJECTIONS:
+        name = f"model.layers.0.{proj}"
+        packed, bias = _packed_linear(quant_dir, name, qcfg.bits)
         qlinear = QuantLinear.from_packed(packed, qcfg.group_size, bias)
-        x = torch.randn(256, qlinear.in_features, generator=gen)
-        x[:, weight.shape[1]:] = 0  # MLP padding columns
-        ref = x[:, : weight.shape[1]] @ weight.T + (bias.float() if bias is not None else 0)
-        got = qlinear(x)[:, : weight.shape[0]]  # padded gate/up rows are zero
-        errors[proj] = float((got - ref).norm() / ref.norm())
-    return errors
+        weight = _float_weight(float_dir, name)
+        rtn = rtn_quantize(weight, qcfg).dequantize()
+        row = {"projection": proj, "shape": f"{weight.shape[0]}×{weight.shape[1]}"}
+        for key, per_proj in inputs.items():
+            x = per_proj[proj]
+            if torch.count_nonzero(x[:, weight.shape[1]:]):
+                raise RuntimeError(f"{name}: the padded MLP channels carry nonzero inputs")
+            padded, x = x, x[:, : weight.shape[1]]
+            if padded.shape[1] < qlinear.in_features:
+                padded = torch.nn.functional.pad(padded, (0, qlinear.in_features - padded.shape[1]))
+            ref = x @ weight.T
+            got = qlinear(padded)[:, : weight.shape[0]] - (bias.float() if bias is not None else 0)
+            row[f"gptq_err_{key}"] = float((got - ref).norm() / ref.norm())
+            row[f"rtn_err_{key}"] = float((x @ rtn.T - ref).norm() / ref.norm())
+        rows.append(row)
+        del qlinear, weight, rtn
+    return rows
 
 
-def transformers_logits_error(float_dir: Path, quant_dir: Path) -> dict[str, float]:
-    """Both checkpoints through transformers (the quantized one on our QuantLinear), bf16, 64 tokens:
-    relative logits error and top-1 agreement. Loaded one after the other to bound memory."""
-    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(2))
-    logits = []
-    for directory in (float_dir, quant_dir):
-        model = load_model(directory, dtype=torch.bfloat16)
-        with torch.inference_mode():
-            logits.append(model(ids).logits.float())
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    return {"rel_error": round(float((got - ref).norm() / ref.norm()), 5),
+            "top1_agreement": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4)}
+
+
+def load_checks(float_dir: Path, quant_dir: Path, ids: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Logits of the quantized checkpoint through our loader (QuantLinear), compared with the float model whose
+    projections carry the checkpoint's dequantized weights (what the file describes: loading exactly), and
+    with the float model itself (quantization error of a random-weight model). With GPTQModel installed,
+    also through transformers' own GPTQ loader. All bf16, models loaded one at a time to bound memory."""
+    qcfg = QuantConfig.from_hf(json.loads((quant_dir / "config.json").read_text())["quantization_config"])
+    model = load_model(float_dir, dtype=torch.bfloat16)
+    float_logits = _logits(model, ids)
+    for i, block in enumerate(model.model.layers):
+        for proj in PROJECTIONS:
+            linear = block.get_submodule(proj)
+            weight = dequantize_packed(_packed_linear(quant_dir, f"model.layers.{i}.{proj}", qcfg.bits)[0])
+            linear.weight.data = weight[: linear.out_features, : linear.in_features].to(torch.bfloat16)
+    described = _logits(model, ids)
+    del model
+    model = load_model(quant_dir, dtype=torch.bfloat16)
+    ours = _logits(model, ids)
+    del model
+    checks = {"quantlinear_vs_dequantized": _compare(ours, described),
+              "quantlinear_vs_float": _compare(ours, float_logits)}
+    if importlib.util.find_spec("gptqmodel") and importlib.util.find_spec("optimum"):
+        model = AutoModelForCausalLM.from_pretrained(quant_dir, device_map="cpu", dtype=torch.bfloat16)
+        checks["transformers_gptq_vs_quantlinear"] = _compare(_logits(model, ids), ours)
         del model
-    ref, got = logits
-    return {"logits_rel_error": float((got - ref).norm() / ref.norm()),
-            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+    return checks
+
+
+def quantize(float_dir: Path, out: Path, calibration: Path, layers: int) -> float:
+    """Write the random checkpoint (unless present) and quantize it with `rayquant quantize`; returns wall s."""
+    if not (float_dir / "model.safetensors.index.json").is_file():
+        # In a child process: the quantize CLI is forked from this one, and Linux carries a process's
+        # peak RSS across fork + exec, so this process must stay small for the driver's figure.
+        writer = multiprocessing.get_context("spawn").Process(target=write_random_checkpoint, args=(float_dir, layers))
+        writer.start()
+        writer.join()
+        if writer.exitcode:
+            raise RuntimeError(f"writing the random checkpoint failed (exit code {writer.exitcode})")
+    _, wall = run_cli("quantize", "--config", "configs/qwen2-72b.yaml", "--model", str(float_dir),
+                      "--calib", str(calibration), "--out", str(out), "--overwrite", "--stages", "2",
+                      "--gpus-per-stage", "0", "--cpus-per-stage", "2", "--memory-per-stage-gb", "0",
+                      "--num-samples", "16", "--max-len", "512", "--batch-size", "4", timeout=4 * 3600)
+    return wall
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (2-3)")
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir, removed afterwards)")
+    parser.add_argument("--checks-only", action="store_true",
+                        help="reuse the quantized checkpoint already in --work; rerun only the load checks")
     args = parser.parse_args()
+    if args.checks_only and args.work is None:
+        parser.error("--checks-only needs the --work of an earlier run")
     work = args.work or Path(tempfile.mkdtemp(prefix="rehearsal-72b-"))
     try:
         float_dir, out = work / "qwen2-72b-shaped", work / "qwen2-72b-shaped-gptq"
-        if not (float_dir / "model.safetensors.index.json").is_file():
-            # In a child process: the quantize CLI is forked from this one, and Linux carries a process's
-            # peak RSS across fork + exec, so this process must stay small for the driver's figure.
-            writer = multiprocessing.get_context("spawn").Process(target=write_random_checkpoint,
-                                                                  args=(float_dir, args.layers))
-            writer.start()
-            writer.join()
-            if writer.exitcode:
-                raise RuntimeError(f"writing the random checkpoint failed (exit code {writer.exitcode})")
-        calibration = plain_calibration_text(work / "calibration.txt")
-        _, wall = run_cli("quantize", "--config", "configs/qwen2-72b.yaml", "--model", str(float_dir),
-                          "--calib", str(calibration), "--out", str(out), "--overwrite", "--stages", "2",
-                          "--gpus-per-stage", "0", "--cpus-per-stage", "2", "--memory-per-stage-gb", "0",
-                          "--num-samples", "16", "--max-len", "512", "--batch-size", "4", timeout=4 * 3600)
+        calibration = work / "calibration.txt"
+        if args.checks_only:
+            wall = json.loads((out / "quantize_report.json").read_text())["wall_seconds"]
+        else:
+            wall = quantize(float_dir, out, plain_calibration_text(calibration), args.layers)
         report = json.loads((out / "quantize_report.json").read_text())
-        errors = quantlinear_errors(float_dir, out, 0)
-        logits = transformers_logits_error(float_dir, out)
+        tokenizer = AutoTokenizer.from_pretrained(float_dir)
+        heldout = heldout_windows(tokenizer)
+        errors = quantlinear_errors(float_dir, out, {"fit": calibration_windows(calibration, tokenizer),
+                                                     "heldout": heldout})
+        loads = load_checks(float_dir, out, heldout[0][None, :128])
         rows = []
         for stage in report["stages"]:
             planned_mb = stage["planned_gb"] * 1024
@@ -152,16 +252,22 @@ def main() -> None:
                 rows.append({"stage": stage["stage"], "layer": layer["layer"], "layer_wall_s": layer["seconds"],
                              "stage_peak_rss_gb": stage["peak_rss_mb"] / 1024, "planned_gb": stage["planned_gb"],
                              "rss_vs_plan": stage["peak_rss_mb"] / planned_mb})
+        meta = {"model": f"Qwen2-72B shapes, {len(rows)} decoder layers, random bf16 weights",
+                "job": "configs/qwen2-72b.yaml (int4 g128 sym, group-aware order, MLP padded to 29696), "
+                       "2 stages on CPU, 2 threads each, sequential schedule",
+                "calibration": f"{report['calibration_tokens']} tokens (16 × 512, shipped Wikipedia text)",
+                "quantize_wall_s": round(wall, 1), "driver_peak_rss_mb": round(report["driver_peak_rss_mb"]),
+                "loads (bf16 logits, 128 held-out tokens)": loads,
+                "machine": "2 CPU cores, 24 GiB RAM, local Ray"}
         write_results("rehearsal_72b", rows, ["stage", "layer", "layer_wall_s", "stage_peak_rss_gb", "planned_gb",
-                                              "rss_vs_plan"],
-                      {"model": f"Qwen2-72B shapes, {args.layers} decoder layers, random bf16 weights",
-                       "job": "configs/qwen2-72b.yaml (int4 g128 sym, group-aware order, MLP padded to 29696), "
-                              "2 stages on CPU, 2 threads each, sequential schedule",
-                       "calibration": f"{report['calibration_tokens']} tokens (16 × 512, shipped Wikipedia text)",
-                       "quantize_wall_s": round(wall, 1), "driver_peak_rss_mb": round(report["driver_peak_rss_mb"]),
-                       "quantlinear_rel_error_layer0": {k: round(v, 4) for k, v in errors.items()},
-                       "transformers_load": {k: round(v, 4) for k, v in logits.items()},
-                       "machine": "2 CPU cores, 24 GiB RAM, local Ray"})
+                                              "rss_vs_plan"], meta)
+        write_results("rehearsal_72b_layer0", errors,
+                      ["projection", "shape", "gptq_err_fit", "rtn_err_fit", "gptq_err_heldout", "rtn_err_heldout"],
+                      {"what": "relative output error ‖XŴᵀ − XWᵀ‖/‖XWᵀ‖ of layer 0's projections; Ŵ from our "
+                               "QuantLinear on the checkpoint (gptq) or round-to-nearest on the same int4 g128 grid "
+                               "(rtn); X = the projection's inputs in the quantized model, in float32, on the 16 × "
+                               "512 calibration tokens GPTQ fitted (fit) and on 2 × 512 held-out Wikipedia tokens "
+                               "(heldout)"})
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -102,6 +102,17 @@ def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, token
                        pipelined=job.schedule == "pipelined")
 
 
+def few_tokens_warning(tokens: int, reader: CheckpointReader, intermediate: int) -> str | None:
+    """A warning when the calibration has fewer tokens than the widest projection input: that Hessian is then
+    rank-deficient, and GPTQ fits the calibration text at the expense of other text."""
+    widest = max(int(reader.config.hidden_size), intermediate)
+    if tokens >= widest:
+        return None
+    return (f"the calibration has {tokens} tokens, fewer than the widest layer input ({widest}): those Hessians are "
+            f"rank-deficient and GPTQ will overfit the calibration text; use at least {widest} tokens "
+            "(raise --num-samples or --max-len)")
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """A ConfigError raised inside an actor reaches the driver wrapped; hand the user the original."""
     cause = getattr(exc, "cause", None)
@@ -120,6 +131,9 @@ class Driver:
         samples = tokenize_samples(resolve_calibration(job.calibration_file), self.tokenizer, job.calibration)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batches = make_batches(samples, job.calibration.batch_size, pad)
+        warning = few_tokens_warning(sum(b.tokens for b in self.batches), self.reader, self.intermediate)
+        if warning:
+            log.warning("%s", warning)
         tokens_per_batch = max(b.input_ids.numel() for b in self.batches)
         self.plans: list[StagePlan] = plan_stages(job_sizes(self.reader, job, self.intermediate, tokens_per_batch),
                                                   job.stages, default_budget(job))

@@ -139,6 +139,22 @@ def test_plan_that_cannot_fit_is_refused(tiny_llama, tmp_path):
     assert not (tmp_path / "nofit").exists() and not (tmp_path / ".nofit.partial").exists()
 
 
+def test_too_few_calibration_tokens_are_warned_about(tiny_llama, tmp_path, caplog):
+    """Fewer tokens than the widest input (256 here) leave that Hessian rank-deficient: one warning naming the fix."""
+    def warnings(**calibration) -> list[str]:
+        caplog.clear()
+        Driver(load_job(None, {**SMALL, "model": str(tiny_llama), "output_dir": str(tmp_path / "out"),
+                               **{f"calibration.{k}": v for k, v in calibration.items()}}))
+        return [r.getMessage() for r in caplog.records if "rank-deficient" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="cluster.driver"):
+        few = warnings(num_samples=4, max_len=32)
+        enough = warnings(num_samples=16, max_len=64)
+    assert len(few) == 1 and "has 128 tokens, fewer than the widest layer input (256)" in few[0]
+    assert "raise --num-samples or --max-len" in few[0]
+    assert enough == []
+
+
 def test_qwen2_with_biases_and_padded_mlp(tiny_qwen2, tmp_path, ray_local):
     from transformers import AutoTokenizer
 
