@@ -133,12 +133,27 @@ def _rehearsal_72b(ax, rows: Rows) -> None:
     ax.legend()
 
 
+def _rehearsal_72b_layer0(ax, rows: Rows) -> None:
+    labels = [r["projection"].split(".")[-1] for r in rows]
+    series = (("gptq_err_fit", "GPTQ, calibration tokens", "tab:blue"), ("rtn_err_fit", "RTN, calibration", "tab:gray"),
+              ("gptq_err_heldout", "GPTQ, held-out text", "tab:cyan"), ("rtn_err_heldout", "RTN, held-out", "silver"))
+    width = 0.8 / len(series)
+    for k, (key, label, color) in enumerate(series):
+        ax.bar([i + (k - 1.5) * width for i in range(len(rows))], [r[key] for r in rows], width, label=label,
+               color=color)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("relative output error")
+    ax.set_title("Qwen2-72B-shaped layer 0 (random weights, 8192 calibration tokens): GPTQ vs RTN, int4 g128")
+    ax.legend(fontsize=8)
+
+
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "solve_cuda": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
     "serving_engines": _serving_engines, "serving_kv_cache": _serving_kv_cache,
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
     "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode, "rehearsal_72b": _rehearsal_72b,
+    "rehearsal_72b_layer0": _rehearsal_72b_layer0,
 }
 
 
