@@ -34,12 +34,14 @@ from quantizer.calibration import (CalibrationConfig, default_calibration_file, 
                                   tokenize_samples)
 from quantizer.config import QuantConfig
 from quantizer.loading import load_model
+from quantizer.model_io import CheckpointReader
 from quantizer.packing import PackedLinear, dequantize_packed
 from quantizer.qlinear import QuantLinear
 from quantizer.rtn import rtn_quantize
 from tests.synthetic_checkpoint import QWEN2_72B, llama_like_tensors
 
 log = logging.getLogger("bench")
+CALIBRATION = CalibrationConfig(num_samples=16, max_len=512, batch_size=4)  # 16 × 512 tokens, as the issue asks
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json")
 
@@ -98,15 +100,9 @@ def _packed_linear(quant_dir: Path, name: str, bits: int) -> tuple[PackedLinear,
     return packed, bias
 
 
-def _float_weight(float_dir: Path, name: str) -> torch.Tensor:
-    index = json.loads((float_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    with safe_open(str(float_dir / index[f"{name}.weight"]), framework="pt") as f:
-        return f.get_tensor(f"{name}.weight").float()
-
-
 def calibration_windows(calibration: Path, tokenizer) -> list[torch.Tensor]:
-    """The 16 × 512-token sequences the quantize job drew from `calibration` (same settings, same seed)."""
-    return tokenize_samples(calibration, tokenizer, CalibrationConfig(num_samples=16, max_len=512, batch_size=4))
+    """The sequences the quantize job drew from `calibration` (same settings, same seed)."""
+    return tokenize_samples(calibration, tokenizer, CALIBRATION)
 
 
 def heldout_windows(tokenizer, windows: int = 2, tokens: int = 512) -> list[torch.Tensor]:
@@ -144,12 +140,13 @@ def quantlinear_errors(float_dir: Path, quant_dir: Path, windows: dict[str, list
     The MLP padding is zero on both sides (padded gate/up rows left out, down_proj's padded inputs zero)."""
     qcfg = QuantConfig.from_hf(json.loads((quant_dir / "config.json").read_text())["quantization_config"])
     inputs = capture_first_layer_inputs(quant_dir, windows)
+    float_reader = CheckpointReader(float_dir)
     rows = []
     for proj in PROJECTIONS:
         name = f"model.layers.0.{proj}"
         packed, bias = _packed_linear(quant_dir, name, qcfg.bits)
         qlinear = QuantLinear.from_packed(packed, qcfg.group_size, bias)
-        weight = _float_weight(float_dir, name)
+        weight = float_reader.load([f"{name}.weight"])[f"{name}.weight"].float()
         rtn = rtn_quantize(weight, qcfg).dequantize()
         row = {"projection": proj, "shape": f"{weight.shape[0]}×{weight.shape[1]}"}
         for key, per_proj in inputs.items():
@@ -205,8 +202,8 @@ def load_checks(float_dir: Path, quant_dir: Path, ids: torch.Tensor) -> dict[str
     return checks
 
 
-def quantize(float_dir: Path, out: Path, calibration: Path, layers: int) -> float:
-    """Write the random checkpoint (unless present) and quantize it with `rayquant quantize`; returns wall s."""
+def quantize(float_dir: Path, out: Path, calibration: Path, layers: int) -> None:
+    """Write the random checkpoint (unless present) and quantize it with `rayquant quantize`."""
     if not (float_dir / "model.safetensors.index.json").is_file():
         # In a child process: the quantize CLI is forked from this one, and Linux carries a process's
         # peak RSS across fork + exec, so this process must stay small for the driver's figure.
@@ -215,11 +212,11 @@ def quantize(float_dir: Path, out: Path, calibration: Path, layers: int) -> floa
         writer.join()
         if writer.exitcode:
             raise RuntimeError(f"writing the random checkpoint failed (exit code {writer.exitcode})")
-    _, wall = run_cli("quantize", "--config", "configs/qwen2-72b.yaml", "--model", str(float_dir),
-                      "--calib", str(calibration), "--out", str(out), "--overwrite", "--stages", "2",
-                      "--gpus-per-stage", "0", "--cpus-per-stage", "2", "--memory-per-stage-gb", "0",
-                      "--num-samples", "16", "--max-len", "512", "--batch-size", "4", timeout=4 * 3600)
-    return wall
+    run_cli("quantize", "--config", "configs/qwen2-72b.yaml", "--model", str(float_dir),
+            "--calib", str(calibration), "--out", str(out), "--overwrite", "--stages", "2",
+            "--gpus-per-stage", "0", "--cpus-per-stage", "2", "--memory-per-stage-gb", "0",
+            "--num-samples", str(CALIBRATION.num_samples), "--max-len", str(CALIBRATION.max_len),
+            "--batch-size", str(CALIBRATION.batch_size), timeout=4 * 3600)
 
 
 def main() -> None:
@@ -235,10 +232,8 @@ def main() -> None:
     try:
         float_dir, out = work / "qwen2-72b-shaped", work / "qwen2-72b-shaped-gptq"
         calibration = work / "calibration.txt"
-        if args.checks_only:
-            wall = json.loads((out / "quantize_report.json").read_text())["wall_seconds"]
-        else:
-            wall = quantize(float_dir, out, plain_calibration_text(calibration), args.layers)
+        if not args.checks_only:
+            quantize(float_dir, out, plain_calibration_text(calibration), args.layers)
         report = json.loads((out / "quantize_report.json").read_text())
         tokenizer = AutoTokenizer.from_pretrained(float_dir)
         heldout = heldout_windows(tokenizer)
@@ -255,8 +250,10 @@ def main() -> None:
         meta = {"model": f"Qwen2-72B shapes, {len(rows)} decoder layers, random bf16 weights",
                 "job": "configs/qwen2-72b.yaml (int4 g128 sym, group-aware order, MLP padded to 29696), "
                        "2 stages on CPU, 2 threads each, sequential schedule",
-                "calibration": f"{report['calibration_tokens']} tokens (16 × 512, shipped Wikipedia text)",
-                "quantize_wall_s": round(wall, 1), "driver_peak_rss_mb": round(report["driver_peak_rss_mb"]),
+                "calibration": f"{report['calibration_tokens']} tokens ({CALIBRATION.num_samples} × "
+                               f"{CALIBRATION.max_len}, shipped Wikipedia text)",
+                "quantize_wall_s": round(report["wall_seconds"], 1),
+                "driver_peak_rss_mb": round(report["driver_peak_rss_mb"]),
                 "loads (bf16 logits, 128 held-out tokens)": loads,
                 "machine": "2 CPU cores, 24 GiB RAM, local Ray"}
         write_results("rehearsal_72b", rows, ["stage", "layer", "layer_wall_s", "stage_peak_rss_gb", "planned_gb",

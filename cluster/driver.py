@@ -131,7 +131,8 @@ class Driver:
         samples = tokenize_samples(resolve_calibration(job.calibration_file), self.tokenizer, job.calibration)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batches = make_batches(samples, job.calibration.batch_size, pad)
-        warning = few_tokens_warning(sum(b.tokens for b in self.batches), self.reader, self.intermediate)
+        self.calibration_tokens = sum(b.tokens for b in self.batches)
+        warning = few_tokens_warning(self.calibration_tokens, self.reader, self.intermediate)
         if warning:
             log.warning("%s", warning)
         tokens_per_batch = max(b.input_ids.numel() for b in self.batches)
@@ -299,7 +300,7 @@ class Driver:
         return {
             "model": str(self.model_dir), "output_dir": self.job.output_dir, "schedule": self.job.schedule,
             "quant": dataclasses.asdict(self.job.quant), "calibration": dataclasses.asdict(self.job.calibration),
-            "calibration_tokens": sum(b.tokens for b in self.batches),
+            "calibration_tokens": self.calibration_tokens,
             "wall_seconds": time.time() - started, "driver_peak_rss_mb": peak_rss_mb(),
             "transfer_bytes": sum(s["bytes_emitted"] for s in stats), "stages": stages,
             "recoveries": [dataclasses.asdict(r) for r in self.recoveries],
