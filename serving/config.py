@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantizer.config import QuantConfig
 from quantizer.errors import ConfigError
-from quantizer.loading import quantization_config
 from quantizer.settings import build_settings, read_yaml_mapping
 from serving.kv_cache import KV_CACHE_DTYPES
-from serving.vllm_engine import VLLM_KV_CACHE_DTYPES, VLLMOptions, vllm_installed
+from serving.vllm_engine import VLLM_KV_CACHE_DTYPES, VLLMOptions
+from serving.vllm_support import vllm_installed, vllm_refusal
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "vllm", "transformers")
@@ -140,19 +139,6 @@ class ServeConfig:
             return (f"vLLM cannot run the checkpoint here ({refusal}); re-quantize with the default settings "
                     "or use engine: transformers")
         return None
-
-
-def vllm_refusal(model_dir: Path, on_gpu: bool) -> str | None:
-    """Why vLLM would refuse this checkpoint here, or None (float checkpoints load as they are). On CPU,
-    vLLM's only GPTQ kernel (CPUWNA16) takes 4-bit; 8-bit needs its GPU kernels (Marlin)."""
-    qdict = quantization_config(model_dir)
-    if qdict.get("quant_method") != "gptq":
-        return None
-    layout = QuantConfig.from_hf(qdict)
-    problems = layout.vllm_problems()
-    if not on_gpu and layout.bits == 8:
-        problems.append("bits=8 on CPU (vLLM's CPU GPTQ kernel takes 4-bit; 8-bit runs on its GPU kernels)")
-    return "; ".join(problems) if problems else None
 
 
 def load_serve_config(path: Path, overrides: dict[str, Any] | None = None) -> ServeConfig:

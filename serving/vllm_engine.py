@@ -9,7 +9,6 @@ a cancelled request (client gone or deadline passed) is aborted in vLLM and free
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import os
 import uuid
@@ -28,10 +27,6 @@ log = logging.getLogger(__name__)
 GiB = 1 << 30
 # our kv_cache_dtype → vLLM's; "fp16" is vLLM's "auto" (the model dtype, fp16 for GPTQ)
 VLLM_KV_CACHE_DTYPES = {"fp16": "auto", "fp8": "fp8", "fp8_e5m2": "fp8_e5m2"}
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
 
 
 @dataclass(frozen=True)

