@@ -18,10 +18,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_cli(*args: str, timeout: int = 3600) -> tuple[str, float]:
-    """Run `python -m cluster.cli ARGS`; returns (stdout, wall seconds); raises with stderr on failure."""
+    """Run `python -m rayquant.cli ARGS`; returns (stdout, wall seconds); raises with stderr on failure."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "rayquant.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if done.returncode:
         raise RuntimeError(f"rayquant {' '.join(args)} failed:\n{done.stderr[-4000:]}")

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from bench.common import write_results
 from quantizer.activations import ActivationChunk, MemoryStore
 from quantizer.config import QuantConfig
-from quantizer.engine import StageEngine
+from quantizer.engine import LayerReport, StageEngine
 from quantizer.model_io import CheckpointReader
 
 QWEN2_72B_LAYER = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192,
@@ -74,7 +74,7 @@ def layer_time(config: dict, samples: int, seq: int, device: str) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        (report,) = list(engine.quantize(chunks))
+        (report,) = [e for e in engine.quantize(chunks) if isinstance(e, LayerReport)]
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -1,21 +1,11 @@
-"""`rayquant`: quantize a Hugging Face causal LM with GPTQ on Ray, evaluate it, plan a split.
-
-  rayquant quantize --config configs/default.yaml   # packaged SmolLM2-135M, shipped text, local Ray
-  rayquant quantize --model DIR --out DIR --bits 4 --group-size 128 --desc-act
-  rayquant quantize --config job.yaml --stages 8    # a job file; flags override its settings
-  rayquant eval --model out/smollm2-135m-gptq
-  rayquant plan --model /models/Qwen2-72B --memory-per-stage-gb 80
-"""
+"""The quantization subcommands of the `rayquant` CLI: `quantize`, `eval` and `plan`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
-
-from quantizer.errors import ConfigError
 
 log = logging.getLogger("rayquant")
 
@@ -47,10 +37,14 @@ def _add_quantize(sub) -> None:
                        "(configs/default.yaml holds the settings for it). "
                        "Rerunning the same command after a crash resumes from the finished layers.")
     p.add_argument("--config", type=Path, help="YAML job file (see configs/); flags below override it")
-    p.add_argument("--model", help="float checkpoint dir, or 'default' (packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--calib", help="calibration file: Qwen conversation .json, .jsonl, or plain text")
-    p.add_argument("--out", help="output dir for the GPTQ checkpoint (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output dir")
+    p.add_argument("--model", help="float checkpoint: a dir, a Hub id org/name[@revision], an s3:// or gs:// URL, "
+                   "or 'default' (packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--calib", help="calibration file (path or s3:// / gs:// URL): Qwen conversation .json, .jsonl, "
+                   "or plain text")
+    p.add_argument("--out", help="output dir or s3:// / gs:// prefix for the GPTQ checkpoint (must not exist unless "
+                   "--overwrite); under `ray job submit` give an absolute path or a URL")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing checkpoint that rayquant wrote (never anything else)")
     p.add_argument("--restart", action="store_true", help="discard an unfinished run instead of resuming it")
     g = p.add_argument_group("quantization")
     g.add_argument("--bits", type=int, help="2, 3, 4 or 8 (default 4; vLLM takes 4 and 8)")
@@ -102,18 +96,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--memory-per-stage-gb", type=float)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayquant", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_quantization_commands(sub) -> None:
     _add_quantize(sub)
     _add_eval(sub)
     _add_plan(sub)
-    from serving.cli import add_serving_commands
-
-    add_serving_commands(sub)
-    return p
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -159,22 +145,4 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(describe(plan_stages(job_sizes(reader, job, intermediate, tokens), job.stages, default_budget(job))))
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan}
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from serving.cli import SERVING_COMMANDS
-
-    try:
-        {**COMMANDS, **SERVING_COMMANDS}[args.command](args)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+QUANTIZATION_COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan}

@@ -4,11 +4,10 @@ between them, and assembles the checkpoint. It reads configs, headers and token 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,28 +17,57 @@ import ray
 from transformers import AutoTokenizer
 
 from cluster.job import JobConfig
+from cluster.job_lock import LOCK_FILE, JobLock
+from cluster.output import OutputTarget
 from cluster.plan import GB, StagePlan, describe, model_sizes, plan_stages
-from cluster.progress import StageProgress
+from cluster.progress import JobProgress, StageProgress
 from cluster.recovery import Recovery, inputs_lost, recoverable, wait_until_restarted
-from cluster.resume import open_work_dir
+from cluster.resume import layers_folder, open_work_dir, remove_work_dir
 from cluster.stage import StageWorker
-from quantizer.assets import default_model_dir
+from quantizer.assets import cache_dir, default_model_dir
 from quantizer.calibration import default_calibration_file, make_batches, tokenize_samples
-from quantizer.checkpoint import prepare_output, publish, shard_name, write_metadata
+from quantizer.checkpoint import shard_name, write_metadata
 from quantizer.engine import output_dtype, peak_rss_mb
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import padded_intermediate
 from quantizer.model_io import CheckpointReader
+from quantizer.sources import ModelRef
+from quantizer.sources import resolve_model as resolve_model_name
+from quantizer.storage import Location, file_sha256, is_url, local_copy
+from rayquant.ray_connect import connect_ray
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model(model: str) -> Path:
-    return default_model_dir() if model == "default" else Path(model)
+def resolve_model(model: str) -> ModelRef:
+    """A model name (dir, Hub id[@revision], URL, "default") → what the stages open."""
+    return resolve_model_name(model, default_model_dir)
 
 
-def resolve_calibration(path: str) -> Path:
-    return default_calibration_file() if path == "default" else Path(path)
+def resolve_calibration(name: str) -> Path:
+    """The calibration file as a local path on the driver (the driver alone tokenizes it)."""
+    if name == "default":
+        return default_calibration_file()
+    return local_copy(name, cache_dir() / "calibration")
+
+
+def in_ray_job_working_dir() -> bool:
+    """This driver runs inside Ray's copy of a job's --working-dir (deleted or replaced with the job)."""
+    runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    return "/runtime_resources/working_dir_files/" in os.getcwd() or bool(runtime_env.get("working_dir"))
+
+
+def resolve_output(name: str) -> str:
+    """The output as an absolute path or a URL, fixed on the driver before any actor sees it."""
+    if is_url(name):
+        return Location(name).url
+    path = Path(name).expanduser()
+    if not path.is_absolute() and in_ray_job_working_dir():
+        raise ConfigError(
+            f"output_dir {name} is relative, and this job runs in Ray's temporary copy of its --working-dir "
+            f"({os.getcwd()}), where the checkpoint would be lost with it: pass an absolute path on storage the "
+            f"cluster keeps (e.g. --out \"$PWD/{name}\" on a local cluster, /data/... on k8s) or an s3:// / gs:// URL")
+    return str(path.resolve())
 
 
 def check_shapes(reader: CheckpointReader, job: JobConfig, intermediate: int) -> None:
@@ -56,30 +84,6 @@ def warn_if_not_vllm_loadable(job: JobConfig) -> None:
     if problems:
         log.warning("vLLM will not load this checkpoint: %s. For vLLM use --bits 4 or 8 with --sym and "
                     "--no-desc-act (group-aware order) or --desc-act --static-groups", "; ".join(problems))
-
-
-def connect_ray(address: str | None, cpus_needed: int, metrics_port: int = 0) -> bool:
-    """Connect to `address` / RAY_ADDRESS, or start a local Ray (Prometheus metrics on `metrics_port`,
-    0 = a port Ray picks). Returns True if this call started it."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        if address != "auto":
-            host, _, port = address.removeprefix("ray://").removeprefix("http://").rpartition(":")
-            try:
-                socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-            except (OSError, ValueError) as exc:
-                raise ConfigError(
-                    f"Ray address {address} does not answer ({exc}); start a cluster with `ray start --head` "
-                    "or leave out --address to run on a local Ray"
-                ) from exc
-        ray.init(address=address, logging_level=logging.WARNING)
-        return False
-    # address="local": always a new Ray owned by this process, never a cluster that happens to run here
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
-             logging_level=logging.WARNING, _metrics_export_port=metrics_port or None)
-    return True
 
 
 def default_budget(job: JobConfig) -> int:
@@ -121,14 +125,18 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 class Driver:
     def __init__(self, job: JobConfig, restart: bool = False) -> None:
+        """Everything that can be refused is checked here, before Ray starts or anything is written."""
         self.job, self.restart = job, restart
         warn_if_not_vllm_loadable(job)
-        self.model_dir = resolve_model(job.model)
-        self.reader = CheckpointReader(self.model_dir)
+        self.target = OutputTarget(resolve_output(job.output_dir))
+        self.model = resolve_model(job.model)
+        self.reader = CheckpointReader(self.model.open())
         self.intermediate = padded_intermediate(self.reader.config, job.quant.pad_intermediate_to)
         check_shapes(self.reader, job, self.intermediate)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        samples = tokenize_samples(resolve_calibration(job.calibration_file), self.tokenizer, job.calibration)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.reader.model_dir)
+        calibration = resolve_calibration(job.calibration_file)
+        samples = tokenize_samples(calibration, self.tokenizer, job.calibration)
+        self.calibration_sha256 = file_sha256(calibration)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batches = make_batches(samples, job.calibration.batch_size, pad)
         self.calibration_tokens = sum(b.tokens for b in self.batches)
@@ -141,64 +149,91 @@ class Driver:
         self.actors: list = []
         log.info("%s", describe(self.plans))
 
+    def resume_hash(self) -> str:
+        """What a resumed run must share with the run that made the finished layers: the settings, the model's
+        files (sizes and header hashes, or the Hub commit), the calibration content, and for the pipelined
+        schedule the stage split (each stage calibrates on float inputs from its first layer)."""
+        split = [[p.layers.start, p.layers.stop] for p in self.plans] if self.job.schedule == "pipelined" else None
+        relevant = {"settings": self.job.settings_hash(), "model": self.reader.source.identity(),
+                    "calibration_sha256": self.calibration_sha256, "split": split}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
     def run(self) -> dict[str, Any]:
-        job, started = self.job, time.time()
+        job, target, started = self.job, self.target, time.time()
+        settings = self.resume_hash()
+        finished = target.completed()
+        if finished is not None and finished.get("settings_hash") == settings and not job.overwrite:
+            log.info("%s already holds this job's finished checkpoint; nothing to do", target.final)
+            layers_folder(target.work).remove_tree()  # a run that stopped right after publishing
+            return json.loads(target.final.read_text("quantize_report.json"))
+        replacing = target.check(job.overwrite)
         cpus = job.resources.cpus_per_stage or max(1, (os.cpu_count() or 1) // len(self.plans))
-        owns_ray = connect_ray(job.ray_address, cpus * len(self.plans))
+        progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
+        overall = JobProgress(progress, parallel_stages=job.schedule == "pipelined").start("starting Ray")
+        lock = JobLock(target.work)
+        published = False
         try:
-            out_dir = Path(job.output_dir)
-            partial = prepare_output(out_dir, job.overwrite)
-            split = [[p.layers.start, p.layers.stop] for p in self.plans] if job.schedule == "pipelined" else None
-            settings = job.settings_hash() if split is None else f"{job.settings_hash()}-{split}"
-            work, done = open_work_dir(partial, settings, self.restart)
-            if done:
-                log.info("resuming: %d of %d layers already quantized in %s", len(done), self.reader.num_layers,
-                         work)
-            progress, shards, stats = self._quantize_all(partial, work, cpus)
+            owns_ray = connect_ray(job.ray_address, cpus * len(self.plans))
+            try:
+                lock.acquire()
+                target.prepare(replacing)
+                done, stamp = open_work_dir(target.work, settings, self.restart, {"replacing": replacing})
+                if done:
+                    log.info("resuming: %d of %d layers already quantized in %s", len(done), self.reader.num_layers,
+                             target.work)
+                overall.activity = f"starting {len(self.plans)} stage actor(s)"
+                shards, stats = self._quantize_all(cpus, progress, overall)
+            finally:
+                overall.stop()
+                if owns_ray:
+                    ray.shutdown()
+            out_dtype = output_dtype(self.reader.tensors[self.reader.arch.embed + ".weight"].dtype_torch)
+            files = write_metadata(target.staging, self.reader, job.quant, self.intermediate, out_dtype)
+            report = self._report(started, progress, shards, stats, settings)
+            target.staging.write_text("quantize_report.json", json.dumps(report, indent=2))
+            target.publish([*files, "quantize_report.json"], settings, stamp.get("replacing"))
+            published = True
+            remove_work_dir(target.work, keep=(LOCK_FILE,))
         finally:
-            if owns_ray:
-                ray.shutdown()
-        out_dtype = output_dtype(self.reader.tensors[self.reader.arch.embed + ".weight"].dtype_torch)
-        write_metadata(partial, self.reader, job.quant, self.intermediate, out_dtype)
-        report = self._report(started, progress, shards, stats)
-        (partial / "quantize_report.json").write_text(json.dumps(report, indent=2))
-        shutil.rmtree(work)
-        publish(partial, out_dir)
-        log.info("wrote %s in %.1f s", out_dir, report["wall_seconds"])
+            lock.release()
+            target.discard_unused(published)
+        log.info("wrote %s in %.1f s", target.final, report["wall_seconds"])
         return report
 
-    def _quantize_all(self, partial: Path, work: Path, cpus: int) -> tuple[list[StageProgress], list, list]:
+    def _quantize_all(self, cpus: int, progress: list[StageProgress], overall: JobProgress) -> tuple[list, list]:
         """Start the stage actors, run the schedule, and have each stage write its shard."""
-        job = self.job
+        job, staging = self.job, self.target.staging
         self.actors = [
             StageWorker.options(num_cpus=cpus, num_gpus=job.resources.gpus_per_stage,
                                 max_restarts=job.resources.max_restarts, max_task_retries=0).remote(
-                p.index, str(self.model_dir.resolve()), p.layers, job.quant, str(work),
+                p.index, self.model, p.layers, job.quant, layers_folder(self.target.work).url,
                 p.index == 0, p.index == len(self.plans) - 1, cpus)
             for p in self.plans
         ]
-        progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
         self.recoveries: list[Recovery] = []
         self._budget = [job.resources.max_restarts] * len(self.actors)
         try:
             ray.get([a.pid.remote() for a in self.actors])  # all stages up: start-up errors surface here
+            overall.activity = "stages up"
             self.inputs: list[list | None] = [[ray.put(b) for b in self.batches]] + [None] * (len(self.actors) - 1)
             if job.schedule == "sequential":
                 for k in range(len(self.actors)):
                     self._quantize_stage(k, progress, emit=k < len(self.actors) - 1)
             else:
                 self._pipelined(progress)
-            for old in partial.glob("model-*.safetensors"):
-                old.unlink()
-            shards = self._on_every_stage(
-                lambda k, a: a.write_shard.remote(str(partial), shard_name(k, len(self.actors))))
+            overall.activity = "writing shards"
+            names = [shard_name(k, len(self.actors)) for k in range(len(self.actors))]
+            for old in staging.list("model-"):  # shards of an earlier attempt with another split
+                if old.endswith(".safetensors") and old not in names:
+                    staging.remove(old)
+            shards = self._on_every_stage(lambda k, a: a.write_shard.remote(staging.url, names[k]))
             stats = self._on_every_stage(lambda k, a: a.stats.remote())
         except ray.exceptions.RayError as exc:
             raise _unwrap(exc) from exc
         finally:
             for actor in self.actors:
                 ray.kill(actor)
-        return progress, shards, stats
+        return shards, stats
 
     def _recover(self, k: int, exc: BaseException) -> bool:
         """After stage k failed with `exc`: re-raise unless Ray lost an actor or objects and the stage has
@@ -286,7 +321,8 @@ class Driver:
                     self._recover(k, exc)
         return results
 
-    def _report(self, started: float, progress: list[StageProgress], shards: list, stats: list) -> dict[str, Any]:
+    def _report(self, started: float, progress: list[StageProgress], shards: list, stats: list,
+                settings_hash: str) -> dict[str, Any]:
         stages = []
         for plan, prog, shard, stat in zip(self.plans, progress, shards, stats):
             reps = sorted(prog.reports, key=lambda r: r.layer)
@@ -298,7 +334,9 @@ class Driver:
                 "layer_reports": [dataclasses.asdict(r) for r in reps],
             })
         return {
-            "model": str(self.model_dir), "output_dir": self.job.output_dir, "schedule": self.job.schedule,
+            "model": str(self.model), "model_identity": self.reader.source.identity(),
+            "calibration_sha256": self.calibration_sha256, "settings_hash": settings_hash,
+            "output_dir": self.target.final.url, "schedule": self.job.schedule,
             "quant": dataclasses.asdict(self.job.quant), "calibration": dataclasses.asdict(self.job.calibration),
             "calibration_tokens": self.calibration_tokens,
             "wall_seconds": time.time() - started, "driver_peak_rss_mb": peak_rss_mb(),

@@ -36,9 +36,9 @@ class ResourceConfig:
 
 @dataclass(frozen=True)
 class JobConfig:
-    model: str = "default"  # checkpoint dir, or "default" for the packaged SmolLM2-135M
-    calibration_file: str = "default"  # .json (Qwen conversations), .jsonl or text; "default" = shipped wiki text
-    output_dir: str = "out/smollm2-135m-gptq"
+    model: str = "default"  # checkpoint dir, Hub id org/name[@revision], s3:// or gs:// URL, or "default"
+    calibration_file: str = "default"  # .json (Qwen conversations), .jsonl or text, path or URL; "default" = shipped
+    output_dir: str = "out/smollm2-135m-gptq"  # local dir, or s3:// / gs:// prefix
     overwrite: bool = False  # replace an existing output dir
     stages: int | str = "auto"  # number of stage actors, or "auto" (fewest that fit the memory budget)
     schedule: str = "sequential"  # "sequential" (exact GPTQ) or "pipelined" (all stages at once, float inputs)
@@ -54,10 +54,9 @@ class JobConfig:
             raise ConfigError(f"stages must be a positive integer or 'auto', got {self.stages!r}")
 
     def settings_hash(self) -> str:
-        """Hash of everything that changes the output; a resumed run must match it."""
+        """Hash of the settings that change the output. The model and calibration file count by their content
+        (the driver adds their identities); a resumed run must match both."""
         relevant = {
-            "model": str(Path(self.model).resolve()) if self.model != "default" else "default",
-            "calibration_file": self.calibration_file,
             "quant": dataclasses.asdict(self.quant),
             "calibration": dataclasses.asdict(self.calibration),
             "schedule": self.schedule,

@@ -1,13 +1,21 @@
-"""One progress line per stage on the driver's log: layers done, last loss, seconds per layer."""
+"""Progress on the driver's log: one line per finished layer per stage, and an overall line from the first
+second on — layers done of all stages, elapsed and remaining time, and what is happening right now
+(loading, a calibration forward, a solve) before the first layer is done."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
-from quantizer.engine import LayerReport
+from quantizer.engine import LayerReport, StagePhase
 
 log = logging.getLogger("rayquant.progress")
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class StageProgress:
@@ -15,22 +23,83 @@ class StageProgress:
         self.stage, self.total = stage, total_layers
         self._by_layer: dict[int, LayerReport] = {}
         self._lock = threading.Lock()
+        self.phase = "waiting"
 
     @property
     def reports(self) -> list[LayerReport]:
         """One report per layer, in layer order: the run that solved it, unless it was only replayed."""
         return [self._by_layer[k] for k in sorted(self._by_layer)]
 
-    def update(self, report: LayerReport) -> None:
-        """A replay (after a restart) does not replace the report of the run that solved the layer."""
+    @property
+    def done(self) -> int:
+        return len(self._by_layer)
+
+    def solved_seconds(self) -> list[float]:
         with self._lock:
-            old = self._by_layer.get(report.layer)
-            if old is None or old.resumed or not report.resumed:
-                self._by_layer[report.layer] = report
+            return [r.seconds for r in self._by_layer.values() if not r.resumed]
+
+    def update(self, event: LayerReport | StagePhase) -> None:
+        """A phase changes what the stage is doing; a report finishes a layer. A replay (after a restart)
+        does not replace the report of the run that solved the layer."""
+        if isinstance(event, StagePhase):
+            self.phase = f"layer {event.layer}: {event.what}"
+            return
+        with self._lock:
+            old = self._by_layer.get(event.layer)
+            if old is None or old.resumed or not event.resumed:
+                self._by_layer[event.layer] = event
             done = len(self._by_layer)
             computed = [r.seconds for r in self._by_layer.values() if not r.resumed]
-            rate = sum(computed) / len(computed) if computed else 0.0
-            width = 20
-            bar = "#" * (width * done // self.total) + "-" * (width - width * done // self.total)
-            log.info("stage %d [%s] %d/%d layers | layer %d loss %.4g%s | %.1f s/layer", self.stage, bar, done,
-                     self.total, report.layer, report.loss, " (resumed)" if report.resumed else "", rate)
+        self.phase = "finished" if done == self.total else f"layer {event.layer} done"
+        rate = sum(computed) / len(computed) if computed else 0.0
+        width = 20
+        bar = "#" * (width * done // self.total) + "-" * (width - width * done // self.total)
+        log.info("stage %d [%s] %d/%d layers | layer %d loss %.4g%s | %.1f s/layer", self.stage, bar, done,
+                 self.total, event.layer, event.loss, " (resumed)" if event.resumed else "", rate)
+
+
+class JobProgress:
+    """The overall line, logged at start and then every `interval_s` until `stop()`."""
+
+    def __init__(self, stages: list[StageProgress], parallel_stages: bool, interval_s: float = 10.0) -> None:
+        self.stages, self.parallel, self.interval_s = stages, parallel_stages, interval_s
+        self.total = sum(s.total for s in stages)
+        self.started = time.time()
+        self.activity = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rayquant-progress", daemon=True)
+
+    def start(self, activity: str) -> "JobProgress":
+        self.activity = activity
+        self.log_line()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def remaining_s(self) -> float | None:
+        """Layers left × the mean solve time per layer so far (divided by the stages that run at once)."""
+        solved = [s for p in self.stages for s in p.solved_seconds()]
+        if not solved:
+            return None
+        left = self.total - sum(p.done for p in self.stages)
+        return left * (sum(solved) / len(solved)) / (len(self.stages) if self.parallel else 1)
+
+    def line(self) -> str:
+        done = sum(p.done for p in self.stages)
+        remaining = self.remaining_s()
+        busy = [f"stage {p.stage} {p.phase}" for p in self.stages if p.phase not in ("waiting", "finished")]
+        now = "; ".join(busy) if busy else self.activity
+        eta = clock(remaining) if remaining is not None else "estimated after the first layer"
+        return (f"progress: {done}/{self.total} layers ({100 * done / max(self.total, 1):.0f}%) | "
+                f"{clock(time.time() - self.started)} elapsed | {eta} left | {now}")
+
+    def log_line(self) -> None:
+        log.info("%s", self.line())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.log_line()

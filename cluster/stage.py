@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import ray
@@ -14,9 +13,11 @@ import torch
 from quantizer.activations import ActivationChunk, TokenBatch
 from quantizer.checkpoint import write_shard
 from quantizer.config import QuantConfig
-from quantizer.engine import LayerReport, StageEngine, output_dtype, peak_rss_mb
-from quantizer.layer_store import DiskLayerStore
+from quantizer.engine import LayerReport, StageEngine, StagePhase, output_dtype, peak_rss_mb
+from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
+from quantizer.sources import ModelRef
+from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,18 @@ class RayObjectStore:
 
 @ray.remote
 class StageWorker:
-    def __init__(self, index: int, model_dir: str, layers: range, qcfg: QuantConfig, work_dir: str,
+    def __init__(self, index: int, model: ModelRef, layers: range, qcfg: QuantConfig, layers_url: str,
                  first: bool, last: bool, threads: int) -> None:
+        """model: as the driver resolved it (local dir, Hub commit, or URL; shards are fetched on first use);
+        layers_url: the folder of per-layer checkpoints (local or object storage)."""
         torch.set_num_threads(threads)  # the same in every stage: results must not depend on the split
         self.index, self.first, self.last = index, first, last
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.reader = CheckpointReader(Path(model_dir))
+        self.reader = CheckpointReader(model.open())
         dtype = torch.float32 if self.device == "cpu" else output_dtype(
             self.reader.tensors[self.reader.arch.embed + ".weight"].dtype_torch)
         self.store = RayObjectStore()
-        self.layer_store = DiskLayerStore(Path(work_dir) / "layers")
+        self.layer_store = FolderLayerStore(Location(layers_url))
         self.engine = StageEngine(self.reader, layers, qcfg, self.store, self.layer_store, self.device, dtype)
         self.bytes_emitted = 0
         self._float_layers: dict[int, torch.nn.Module] = {}
@@ -69,8 +72,9 @@ class StageWorker:
         self.bytes_emitted += chunk.nbytes
         return chunk
 
-    def quantize(self, inputs: list[ray.ObjectRef]) -> Iterator[LayerReport]:
-        """Streams one LayerReport per layer. Finished layers found on disk are replayed, not re-solved."""
+    def quantize(self, inputs: list[ray.ObjectRef]) -> Iterator[LayerReport | StagePhase]:
+        """Streams what the stage is doing and one LayerReport per layer. Finished layers found in the layer
+        store are replayed, not re-solved."""
         self._float_layers.clear()
         handles = [self.store.put(self._as_activations(ray.get(ref))) if self.first else ref for ref in inputs]
         yield from self.engine.quantize(handles)
@@ -83,8 +87,9 @@ class StageWorker:
             yield chunk
         self.engine.outputs = []  # the next stage holds them now
 
-    def write_shard(self, directory: str, name: str) -> dict[str, Any]:
-        """Write this stage's layers (+ embeddings / norm / head on the ends) as one shard."""
+    def write_shard(self, folder: str, name: str) -> dict[str, Any]:
+        """Write this stage's layers (+ embeddings / norm / head on the ends) as one shard into `folder`
+        (a local dir, or an object-store prefix it uploads to)."""
         arch, out_dtype = self.reader.arch, self.engine.out_dtype
         tensors: dict[str, torch.Tensor] = {}
         for index in self.engine.layers:
@@ -99,7 +104,7 @@ class StageWorker:
         if self.last:
             names += [n for n in self.reader.tensors if n.startswith((arch.final_norm + ".", arch.lm_head + "."))]
         tensors.update({n: t.to(out_dtype) for n, t in self.reader.load(names).items()})
-        write_shard(Path(directory) / name, tensors)
+        write_shard(Location(folder), name, tensors)
         return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
     def stats(self) -> dict[str, Any]:

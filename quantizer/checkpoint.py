@@ -1,25 +1,22 @@
-"""The GPTQ checkpoint on disk: shard naming, atomic shard writes, index/config/tokenizer files, and a
-verification of every tensor's presence, shape and dtype before the output dir is published."""
+"""The GPTQ checkpoint in its output folder (local or object storage): shard naming, atomic shard writes,
+index/config/tokenizer files, and a check of every tensor's presence, shape and dtype before the
+checkpoint is published."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantizer.config import QuantConfig
-from quantizer.errors import ConfigError
 from quantizer.model_io import CheckpointReader
+from quantizer.sources import INDEX_FILE, TOKENIZER_FILES, parse_header
+from quantizer.storage import Location
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-)
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32"}
 _CONFIG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -28,11 +25,22 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write to a temp name, then rename: a reader never sees a half-written shard."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, path)
+def write_shard(folder: Location, name: str, tensors: dict[str, torch.Tensor],
+                metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors shard: a reader never sees it half-written (local: temp name then rename;
+    object storage: one upload of a finished local file)."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    metadata = {"format": "pt", **(metadata or {})}
+    if folder.is_local:
+        folder.makedirs()
+        tmp = Path(folder.path(f".{name}.{os.getpid()}.tmp"))
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, folder.path(name))
+        return
+    with tempfile.TemporaryDirectory(prefix="rayquant-shard-") as scratch:
+        local = Path(scratch) / name
+        save_file(tensors, str(local), metadata=metadata)
+        folder.upload(local, name)
 
 
 def expected_tensors(reader: CheckpointReader, qcfg: QuantConfig, intermediate: int,
@@ -67,14 +75,15 @@ def expected_tensors(reader: CheckpointReader, qcfg: QuantConfig, intermediate: 
     return out
 
 
-def read_weight_map(directory: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    """Name → (shard file, shape, dtype) for every tensor in the shards of `directory`."""
+def read_weight_map(folder: Location) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """Name → (shard file, shape, dtype) for every tensor in the shards of `folder` (headers only)."""
     found: dict[str, tuple[str, tuple[int, ...], str]] = {}
-    for shard in sorted(directory.glob("model-*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                found[key] = (shard.name, tuple(sl.get_shape()), sl.get_dtype())
+    for shard in folder.list("model-"):
+        if not shard.endswith(".safetensors"):
+            continue
+        header, _ = parse_header(lambda start, length: folder.read_range(shard, start, length), f"{folder}/{shard}")
+        for key, (shape, dtype) in header.items():
+            found[key] = (shard, shape, dtype)
     return found
 
 
@@ -89,36 +98,23 @@ def verify_tensors(found: dict[str, tuple[str, tuple[int, ...], str]],
                            f"wrong shape/dtype {wrong[:5]}")
 
 
-def write_metadata(directory: Path, reader: CheckpointReader, qcfg: QuantConfig, intermediate: int,
-                   out_dtype: torch.dtype) -> None:
-    """Index, config.json with quantization_config, quantize_config.json and the tokenizer files."""
-    found = read_weight_map(directory)
+def write_metadata(folder: Location, reader: CheckpointReader, qcfg: QuantConfig, intermediate: int,
+                   out_dtype: torch.dtype) -> list[str]:
+    """Check the shards, then write the index, config.json with quantization_config, quantize_config.json
+    and the tokenizer files. Returns the names of every file of the checkpoint."""
+    found = read_weight_map(folder)
     verify_tensors(found, expected_tensors(reader, qcfg, intermediate, out_dtype))
-    total = sum((directory / f).stat().st_size for f in {v[0] for v in found.values()})
-    index = {"metadata": {"total_size": total}, "weight_map": {k: v[0] for k, v in sorted(found.items())}}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    shards = sorted({v[0] for v in found.values()})
+    index = {"metadata": {"total_size": sum(folder.size(f) for f in shards)},
+             "weight_map": {k: v[0] for k, v in sorted(found.items())}}
+    folder.write_text(INDEX_FILE, json.dumps(index, indent=2))
     config = json.loads((reader.model_dir / "config.json").read_text())
     config["quantization_config"] = qcfg.to_hf()
     config["intermediate_size"] = intermediate
     config["torch_dtype"] = config["dtype"] = _CONFIG_DTYPES[out_dtype]
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / "quantize_config.json").write_text(json.dumps(qcfg.to_hf(), indent=2))
-    for name in TOKENIZER_FILES:
-        if (reader.model_dir / name).is_file():
-            shutil.copy2(reader.model_dir / name, directory / name)
-
-
-def prepare_output(out_dir: Path, overwrite: bool) -> Path:
-    """Check the output path and return the temp dir that is renamed into place at the end."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConfigError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def publish(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    folder.write_text("config.json", json.dumps(config, indent=2))
+    folder.write_text("quantize_config.json", json.dumps(qcfg.to_hf(), indent=2))
+    copied = [name for name in TOKENIZER_FILES if (reader.model_dir / name).is_file()]
+    for name in copied:
+        folder.upload(reader.model_dir / name, name)
+    return [*shards, INDEX_FILE, "config.json", "quantize_config.json", *copied]

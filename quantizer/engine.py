@@ -9,7 +9,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Generator, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -45,6 +45,13 @@ class LayerReport:
         return sum(self.losses.values())
 
 
+@dataclass
+class StagePhase:
+    """What a stage is doing now (streamed to the driver between LayerReports, for progress)."""
+    layer: int
+    what: str
+
+
 class LayerStore(Protocol):
     """Per-layer checkpoints that make a stage resumable."""
 
@@ -64,6 +71,10 @@ def peak_rss_mb() -> float:
 def output_dtype(source: torch.dtype) -> torch.dtype:
     """Float tensors keep a half-precision source dtype; float32 sources are written as float16."""
     return source if source in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _names(groups: list[tuple[str, ...]]) -> str:
+    return ", ".join("+".join(name.rpartition(".")[2] for name in group) for group in groups)
 
 
 class StageEngine:
@@ -109,10 +120,11 @@ class StageEngine:
         return build_float_layer(self.arch, self.config, index, state, self.dtype, self.device)
 
     # ---- quantization -----------------------------------------------------------------------------
-    def quantize(self, inputs: list[Any]) -> Iterator[LayerReport]:
+    def quantize(self, inputs: list[Any]) -> Iterator[LayerReport | StagePhase]:
         """Quantize every layer of the stage. `inputs` are store handles of the first layer's inputs.
 
-        Yields one report per layer; afterwards `self.outputs` holds the handles of the last layer's outputs.
+        Yields what it is doing (StagePhase) and one report per finished layer; afterwards `self.outputs`
+        holds the handles of the last layer's outputs.
         """
         handles = inputs
         for index in self.layers:
@@ -123,7 +135,9 @@ class StageEngine:
                 tensors, old = saved
                 report.losses, report.cholesky_fallbacks, report.resumed = old.losses, old.cholesky_fallbacks, True
             else:
-                tensors = self._quantize_layer(index, handles, report)
+                tensors = yield from self._quantize_layer(index, handles, report)
+            yield StagePhase(index, "forward through the quantized layer" if saved is None else
+                             "replaying the finished layer from its checkpoint")
             layer = build_quantized_layer(self.arch, self.config, index, tensors, self.qcfg, self.dtype, self.device)
             handles = [self.store.put(self.forward_layer(layer, self.store.get(h))) for h in handles]
             report.seconds = time.perf_counter() - start
@@ -134,14 +148,18 @@ class StageEngine:
             yield report
         self.outputs = handles
 
-    def _quantize_layer(self, index: int, handles: list[Any], report: LayerReport) -> dict[str, torch.Tensor]:
+    def _quantize_layer(self, index: int, handles: list[Any], report: LayerReport
+                        ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
+        yield StagePhase(index, "loading float weights")
         layer = self.float_layer(index)
         groups = self.arch.sequential
         passes = [[g] for g in groups] if self.qcfg.true_sequential else [list(groups)]
         tensors: dict[str, torch.Tensor] = {}
         for pass_groups in passes:
+            yield StagePhase(index, f"calibration forward ({len(handles)} batches) for {_names(pass_groups)}")
             hessians = self._capture(layer, pass_groups, handles)
             for group in pass_groups:
+                yield StagePhase(index, f"solving {_names([group])}")
                 for name, result in self._solve_group(layer, group, hessians[group[0]]).items():
                     module = layer.get_submodule(name)
                     module.weight.data = result.dequantize().to(self.dtype)

@@ -1,51 +1,56 @@
-"""Per-layer checkpoints on disk: one safetensors file per finished layer, written atomically, so a
-restarted stage skips the layers it already quantized."""
+"""Per-layer checkpoints: one safetensors file per finished layer in a folder (local or object storage),
+written atomically, so a restarted stage — on this cluster or another — skips the layers it already
+quantized."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
-from pathlib import Path
+import re
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save
 
 from quantizer.engine import LayerReport
+from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
+_NAME = re.compile(r"layer_(\d{5})\.safetensors")
 
 
-class DiskLayerStore:
+class FolderLayerStore:
     """Files `layer_00007.safetensors` (tensors keyed relative to the layer, report in the metadata)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: Location) -> None:
+        self.folder = folder
+        self.folder.makedirs()
 
-    def path(self, index: int) -> Path:
-        return self.directory / f"layer_{index:05d}.safetensors"
+    @staticmethod
+    def name(index: int) -> str:
+        return f"layer_{index:05d}.safetensors"
 
     def done(self) -> list[int]:
-        return sorted(int(p.stem.split("_")[1]) for p in self.directory.glob("layer_*.safetensors"))
+        return sorted(int(m.group(1)) for n in self.folder.list("layer_") if (m := _NAME.fullmatch(n)))
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None:
-        tmp = self.path(index).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"report": json.dumps(dataclasses.asdict(report))})
-        os.replace(tmp, self.path(index))
+        data = save({k: v.contiguous() for k, v in tensors.items()},
+                    metadata={"report": json.dumps(dataclasses.asdict(report))})
+        self.folder.write_bytes(self.name(index), data)
 
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], LayerReport] | None:
-        path = self.path(index)
-        if not path.is_file():
+        name = self.name(index)
+        if not self.folder.is_file(name):
             return None
         try:
-            with safe_open(str(path), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-                report = LayerReport(**json.loads(f.metadata()["report"]))
+            data = self.folder.read_bytes(name)
+            length = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+            report = LayerReport(**json.loads(metadata["report"]))
+            tensors = load(data)
         except Exception as exc:  # a torn or corrupt file: quantize that layer again
-            log.warning("layer checkpoint %s is unreadable (%s); quantizing layer %d again", path, exc, index)
-            path.unlink(missing_ok=True)
+            log.warning("layer checkpoint %s/%s is unreadable (%s); quantizing layer %d again", self.folder, name,
+                        exc, index)
+            self.folder.remove(name)
             return None
         return tensors, report

@@ -3,9 +3,7 @@ only when asked for (one layer at a time), so no process ever holds the whole mo
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from quantizer.architectures import Architecture, get_architecture
 from quantizer.errors import ConfigError
+from quantizer.sources import LocalSource, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -42,49 +41,35 @@ class TensorInfo:
 
 @dataclass
 class CheckpointReader:
-    """A model dir with config.json and model.safetensors or model.safetensors.index.json + shards."""
+    """A causal-LM checkpoint: config.json and safetensors headers up front, tensors when asked for.
+    `source` is a ModelSource, or a local checkpoint dir (model.safetensors or an index + shards)."""
 
-    model_dir: Path
+    source: ModelSource | Path | str
     config: PretrainedConfig = field(init=False)
     arch: Architecture = field(init=False)
     tensors: dict[str, TensorInfo] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.model_dir = Path(self.model_dir)
-        if not self.model_dir.is_dir():
-            raise ConfigError(f"model directory {self.model_dir} does not exist; pass a Hugging Face checkpoint dir")
-        if not (self.model_dir / "config.json").is_file():
-            raise ConfigError(f"{self.model_dir} has no config.json; is it a Hugging Face checkpoint dir?")
+        if not isinstance(self.source, ModelSource):
+            self.source = LocalSource(Path(self.source))
+        where = self.source.description
         self.config = AutoConfig.from_pretrained(self.model_dir)
         archs = getattr(self.config, "architectures", None) or []
         if archs and not any(a.endswith("ForCausalLM") for a in archs):
             raise ConfigError(
-                f"{self.model_dir} holds a {archs[0]}, not a causal language model (…ForCausalLM); "
+                f"{where} holds a {archs[0]}, not a causal language model (…ForCausalLM); "
                 "rayquant quantizes decoder-only causal LMs"
             )
         self.arch = get_architecture(self.config.model_type)
         if getattr(self.config, "quantization_config", None):
-            raise ConfigError(f"{self.model_dir} is already quantized; quantize the float checkpoint instead")
-        self.tensors = self._read_headers()
+            raise ConfigError(f"{where} is already quantized; quantize the float checkpoint instead")
+        self.tensors = {key: TensorInfo(shard, shape, dtype) for shard in self.source.shard_files()
+                        for key, (shape, dtype) in self.source.header(shard).items()}
 
-    def _shard_files(self) -> list[str]:
-        index = self.model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return sorted(set(weight_map.values()))
-        if (self.model_dir / "model.safetensors").is_file():
-            return ["model.safetensors"]
-        raise ConfigError(f"{self.model_dir} has no model.safetensors or model.safetensors.index.json")
-
-    def _read_headers(self) -> dict[str, TensorInfo]:
-        tensors: dict[str, TensorInfo] = {}
-        for name in self._shard_files():
-            path = self.model_dir / name
-            if not path.is_file():
-                raise ConfigError(f"shard {path} is listed in the index but missing; re-download the checkpoint")
-            for key, (shape, dtype) in read_safetensors_header(path).items():
-                tensors[key] = TensorInfo(name, shape, dtype)
-        return tensors
+    @property
+    def model_dir(self) -> Path:
+        """The local folder with config.json and the tokenizer files."""
+        return self.source.meta_dir()
 
     @property
     def num_layers(self) -> int:
@@ -105,16 +90,18 @@ class CheckpointReader:
         by_file: dict[str, list[str]] = {}
         for n in names:
             if n not in self.tensors:
-                raise ConfigError(f"tensor {n} is missing from {self.model_dir}; the checkpoint is incomplete")
+                raise ConfigError(f"tensor {n} is missing from {self.source.description}; the checkpoint is incomplete")
             by_file.setdefault(self.tensors[n].file, []).append(n)
         out: dict[str, torch.Tensor] = {}
         for file, keys in by_file.items():
             try:
-                with safe_open(self.model_dir / file, framework="pt") as f:
+                with safe_open(self.source.fetch(file), framework="pt") as f:
                     for k in keys:
                         out[k] = f.get_tensor(k)
+            except ConfigError:
+                raise
             except Exception as exc:
-                raise ConfigError(f"could not read {keys[0]} from {self.model_dir / file}: {exc}") from exc
+                raise ConfigError(f"could not read {keys[0]} from {self.source.description}/{file}: {exc}") from exc
         return out
 
     def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -126,16 +113,3 @@ class CheckpointReader:
         if self.arch.lm_head + ".weight" in self.tensors:
             return self.load([self.arch.lm_head + ".weight"])[self.arch.lm_head + ".weight"]
         return self.load([self.arch.embed + ".weight"])[self.arch.embed + ".weight"]  # tied embeddings
-
-
-def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor name → (shape, dtype) from a safetensors header (u64 length + JSON), reading no tensor data."""
-    try:
-        with open(path, "rb") as f:
-            length = struct.unpack("<Q", f.read(8))[0]
-            if length > 100 * 1024**2:
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(f.read(length))
-        return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, KeyError, struct.error, TypeError) as exc:
-        raise ConfigError(f"shard {path} is unreadable ({exc}); re-download or re-convert it") from exc

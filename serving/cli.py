@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from cluster.driver import connect_ray
+    from rayquant.ray_connect import connect_ray
     from serving.config import load_serve_config
     from serving.deployment import start_server
 

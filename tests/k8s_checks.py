@@ -92,8 +92,9 @@ def check_serve_config(text: str) -> list[dict]:
 
 def check_entrypoint(entrypoint: str):
     """The entrypoint parses with rayquant's CLI and its job file exists and validates; returns the job."""
-    from cluster.cli import _overrides, parser
+    from cluster.cli import _overrides
     from cluster.job import load_job
+    from rayquant.cli import parser
 
     argv = shlex.split(entrypoint)
     assert argv[0] == "rayquant", f"entrypoint must run rayquant, not {argv[0]}"

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from cluster.cli import main
+from rayquant.cli import main
 
 
 def _quantize(tmp_path, *args):
@@ -13,7 +13,7 @@ def _quantize(tmp_path, *args):
 
 
 def _assert_nothing_written(tmp_path):
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "out" in p.name) == []
 
 
 def test_missing_model_dir(tmp_path, caplog):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cluster.cli import main
+from rayquant.cli import main
 
 pytestmark = pytest.mark.slow
 

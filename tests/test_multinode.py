@@ -10,8 +10,7 @@ import pytest
 
 from cluster.driver import Driver
 from cluster.job import load_job
-from cluster.resume import WORK_DIR_NAME
-from tests.test_pipeline import SMALL, assert_same_tensors
+from tests.test_pipeline import SMALL, assert_same_tensors, layers_dir
 from tests.tiny_models import write_tiny_model
 
 pytestmark = pytest.mark.multinode
@@ -60,7 +59,7 @@ def run_losing_nodes(cluster, six_layers: Path, out: Path, layer: int, stages: l
     import ray
 
     driver = Driver(load_job(None, {**WORK, "model": str(six_layers), "output_dir": str(out), **overrides}))
-    layers_dir = out.parent / f".{out.name}.partial" / WORK_DIR_NAME / "layers"
+    layers = layers_dir(out)
     result: dict = {}
 
     def job():
@@ -74,7 +73,7 @@ def run_losing_nodes(cluster, six_layers: Path, out: Path, layer: int, stages: l
     record: dict = {}
     deadline = time.time() + 300
     while thread.is_alive() and time.time() < deadline:
-        if (layers_dir / f"layer_{layer:05d}.safetensors").is_file():
+        if (layers / f"layer_{layer:05d}.safetensors").is_file():
             record["killed"] = [ray._private.state.actors(driver.actors[k]._actor_id.hex())["Address"]["NodeID"]
                                 for k in stages]
             for node_id in record["killed"]:

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from cluster.driver import Driver
 from cluster.job import load_job
-from cluster.resume import WORK_DIR_NAME, open_work_dir
+from cluster.output import OutputTarget
+from cluster.resume import layers_folder, open_work_dir
 from quantizer.errors import ConfigError
 
 SMALL = {"calibration.num_samples": 24, "calibration.max_len": 64, "calibration.batch_size": 4,
@@ -24,6 +25,11 @@ SMALL = {"calibration.num_samples": 24, "calibration.max_len": 64, "calibration.
 
 def run_job(model: Path, out: Path, **overrides) -> dict:
     return Driver(load_job(None, {**SMALL, "model": str(model), "output_dir": str(out), **overrides})).run()
+
+
+def layers_dir(out: Path) -> Path:
+    """Where a job writing to `out` keeps its finished layers until the checkpoint is published."""
+    return Path(layers_folder(OutputTarget(str(out)).work).url)
 
 
 def checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +61,7 @@ def test_three_stages_equal_one_stage_bit_for_bit(tiny_llama, one_stage, tmp_pat
     assert sorted(p.name for p in (tmp_path / "three").glob("model-*")) == [
         f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert report3["transfer_bytes"] > 0 and all(s["peak_rss_mb"] > 0 for s in report3["stages"])
-    assert not (tmp_path / ".three.partial").exists()
+    assert not (tmp_path / ".three.partial").exists() and not (tmp_path / ".three.rayquant-work").exists()
 
 
 def test_pipelined_stages_work_at_the_same_time(tiny_llama, tmp_path, ray_local):
@@ -81,13 +87,13 @@ def test_killed_stage_actor_is_replaced_and_output_unchanged(tiny_llama, one_sta
 
     job = load_job(None, {**SMALL, "model": str(tiny_llama), "output_dir": str(tmp_path / "killed"), "stages": 2})
     driver = Driver(job)
-    layers_dir = tmp_path / ".killed.partial" / WORK_DIR_NAME / "layers"
+    layers = layers_dir(tmp_path / "killed")
     killed = []
 
     def kill_stage_one():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            if len(list(layers_dir.glob("layer_*.safetensors"))) >= 3:  # stage 1 has begun its layers
+            if len(list(layers.glob("layer_*.safetensors"))) >= 3:  # stage 1 has begun its layers
                 ray.kill(driver.actors[1], no_restart=False)
                 killed.append(time.time())
             time.sleep(0.01)
@@ -102,18 +108,18 @@ def test_killed_stage_actor_is_replaced_and_output_unchanged(tiny_llama, one_sta
 
 def test_killed_driver_resumes_with_the_same_command(tiny_llama, one_stage, tmp_path):
     out = tmp_path / "resumed"
-    args = [sys.executable, "-m", "cluster.cli", "quantize", "--model", str(tiny_llama), "--out", str(out),
+    args = [sys.executable, "-m", "rayquant.cli", "quantize", "--model", str(tiny_llama), "--out", str(out),
             "--num-samples", "24", "--max-len", "64", "--batch-size", "4", "--group-size", "32", "--desc-act",
             "--cpus-per-stage", "1", "--stages", "2"]
-    layers_dir = tmp_path / ".resumed.partial" / WORK_DIR_NAME / "layers"
+    layers = layers_dir(out)
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while time.time() < deadline and len(list(layers_dir.glob("layer_*.safetensors"))) < 2:
+    while time.time() < deadline and len(list(layers.glob("layer_*.safetensors"))) < 2:
         assert proc.poll() is None, "the driver exited before it could be killed"
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = sorted(p.name for p in layers_dir.glob("layer_*.safetensors"))
+    finished_before = sorted(p.name for p in layers.glob("layer_*.safetensors"))
     assert 2 <= len(finished_before) < 4 and not out.exists()
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,10 +128,8 @@ def test_killed_driver_resumes_with_the_same_command(tiny_llama, one_stage, tmp_
 
 
 def test_resume_with_changed_settings_is_refused_and_keeps_work(tiny_llama, tmp_path, ray_local):
-    partial = tmp_path / ".changed.partial"
-    work, _ = open_work_dir(partial, "0123456789abcdef", restart=False)
-    marker = work / "layers" / "layer_00000.safetensors"
-    marker.parent.mkdir(parents=True, exist_ok=True)
+    open_work_dir(OutputTarget(str(tmp_path / "changed")).work, "0123456789abcdef", restart=False)
+    marker = layers_dir(tmp_path / "changed") / "layer_00000.safetensors"
     marker.write_bytes(b"finished work")
     with pytest.raises(ConfigError, match="different settings"):
         run_job(tiny_llama, tmp_path / "changed", stages=1)
@@ -137,6 +141,7 @@ def test_plan_that_cannot_fit_is_refused(tiny_llama, tmp_path):
                                           "has 0.30 GB;.* use devices with more memory"):
         run_job(tiny_llama, tmp_path / "nofit", stages=1, **{"resources.memory_per_stage_gb": 0.3})
     assert not (tmp_path / "nofit").exists() and not (tmp_path / ".nofit.partial").exists()
+    assert not (tmp_path / ".nofit.rayquant-work").exists()
 
 
 def test_too_few_calibration_tokens_are_warned_about(tiny_llama, tmp_path, caplog):
@@ -185,7 +190,7 @@ def test_driver_memory_does_not_grow_with_model_size(tiny_llama, tmp_path):
     peaks = {}
     for name, model in (("tiny", tiny_llama), ("wide", wide)):
         out = tmp_path / f"out-{name}"
-        args = [sys.executable, "-m", "cluster.cli", "quantize", "--model", str(model), "--out", str(out),
+        args = [sys.executable, "-m", "rayquant.cli", "quantize", "--model", str(model), "--out", str(out),
                 "--num-samples", "8", "--max-len", "32", "--group-size", "128", "--stages", "2"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -11,8 +11,10 @@ from quantizer.assets import default_model_dir
 
 
 def write_tiny_model(path: Path, model_type: str = "llama", layers: int = 4, hidden: int = 128,
-                     intermediate: int = 256, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
-    """A `model_type` causal LM (4 heads, 2 KV heads) with random weights, saved like a hub checkpoint."""
+                     intermediate: int = 256, seed: int = 0, dtype: torch.dtype = torch.float16,
+                     max_shard_size: str | None = None) -> Path:
+    """A `model_type` causal LM (4 heads, 2 KV heads) with random weights, saved like a hub checkpoint
+    (in shards of at most `max_shard_size`, e.g. "400KB", when given)."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
@@ -26,6 +28,6 @@ def write_tiny_model(path: Path, model_type: str = "llama", layers: int = 4, hid
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.normal_(0, 0.08)
-    model.to(dtype).save_pretrained(path)
+    model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return Path(path)
