@@ -40,12 +40,13 @@ def add_serving_commands(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import time
+
     import ray
-    from ray import serve
 
     from rayquant.ray_connect import connect_ray
     from serving.config import load_serve_config
-    from serving.deployment import start_server
+    from serving.deployment import start_server, stop_server
 
     overrides = {k: v for k, v in {"model": args.model, "host": args.host}.items() if v}
     config = load_serve_config(args.config, overrides)
@@ -58,11 +59,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
              "stops)", config.model, engine, kv_cache_dtype, config.host, config.grpc_port, config.host,
              config.http_port, f", API key from ${config.api_key_env}" if config.api_key_env else "",
              f", Prometheus metrics on :{config.metrics_port}/metrics" if started else "")
+    started_serve = False
     try:
-        start_server(config, blocking=True)
+        started_serve = start_server(config)
+        log.info("serving; Ctrl-C removes the %r application", config.app_name)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        log.info("stopping: removing the %r application", config.app_name)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            stop_server(config, started_serve)
+        if started:
+            ray.shutdown()
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

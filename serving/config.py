@@ -12,6 +12,7 @@ from typing import Any
 
 from quantizer.errors import ConfigError
 from quantizer.settings import build_settings, read_yaml_mapping
+from serving.engine import DTYPES
 from serving.kv_cache import KV_CACHE_DTYPES
 from serving.vllm_engine import VLLM_KV_CACHE_DTYPES, VLLMOptions
 from serving.vllm_support import vllm_installed, vllm_refusal
@@ -39,6 +40,8 @@ class ServeConfig:
     max_batch_size: int = 8  # requests decoded together (transformers: @serve.batch; vllm: max_num_seqs)
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when the replica has a GPU)
+    dtype: str = "auto"  # activations and float weights: auto = the checkpoint's bf16/fp16 in vLLM and on GPU,
+    #                      float32 in ours on CPU; or float16 / bfloat16 / float32
     cache_dequantized_weights: bool = True  # keep dequantized weights (fast, float-sized); False for big models
     max_prompt_tokens: int = 0  # prompt tokens at most; 0 = whatever the context leaves for the completion
     max_request_bytes: int = 1 << 20  # serialized GenerateRequest size at most (1 MiB)
@@ -58,6 +61,8 @@ class ServeConfig:
             raise ConfigError(f"engine {self.engine!r} is unknown; use one of {ENGINES}")
         if self.kv_cache_dtype not in ALL_KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is unknown; use one of {ALL_KV_CACHE_DTYPES}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is unknown; use one of {DTYPES}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} is unknown; use auto, cpu or cuda")
         if self.max_new_tokens_limit < 1 or self.max_batch_size < 1 or self.max_context < 0:

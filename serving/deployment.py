@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, NoReturn
 
 import grpc
+import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
@@ -28,10 +29,11 @@ from starlette.responses import JSONResponse
 from protos.grpc.health.v1 import health_pb2
 from protos.rayquant.v1 import generation_pb2 as pb
 from serving.auth import Unauthenticated, check_api_key
-from serving.proxy_hooks import proxy_env
+from quantizer.errors import ConfigError
 from serving.config import GRPC_SERVICER_FUNCTIONS, ServeConfig
-from serving.engine import GenerationEngine
+from serving.engine import GenerationEngine, serving_dtype
 from serving.metrics import ServingMetrics
+from serving.proxy_hooks import hook_registry, lockdown_problems, private_api_problem, proxy_env, wait_until_locked_down
 from serving.requests import InvalidRequest, PreparedRequest, SamplingParams, StepOutput
 from serving.vllm_engine import VLLMEngine
 
@@ -68,15 +70,15 @@ class GenerationService:
         self.engine_name, self.kv_cache_dtype = c.resolve_engine()
         if self.engine_name == "vllm":
             self.engine = VLLMEngine(Path(c.model), self.kv_cache_dtype, c.max_new_tokens_limit, c.max_context,
-                                     c.max_batch_size, c.vllm)
+                                     c.max_batch_size, c.vllm, serving_dtype(Path(c.model), c.dtype, True))
         else:
             self.engine = GenerationEngine(c.model, self.kv_cache_dtype, c.max_new_tokens_limit, c.max_context,
-                                           c.device, c.cache_dequantized_weights)
+                                           c.device, c.cache_dequantized_weights, c.dtype)
             self._batched.set_max_batch_size(c.max_batch_size)
             self._batched.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
         self.metrics = ServingMetrics(self.engine_name)
-        log.info("replica serving %s with the %s engine, %s KV cache%s", c.model, self.engine_name,
-                 self.kv_cache_dtype, ", API key required" if self.api_key else "")
+        log.info("replica serving %s with the %s engine in %s, %s KV cache%s", c.model, self.engine_name,
+                 self.engine.dtype, self.kv_cache_dtype, ", API key required" if self.api_key else "")
 
     def __del__(self) -> None:
         """Serve calls this on replica shutdown: stop vLLM's engine process with it."""
@@ -198,7 +200,7 @@ class GenerationService:
             model=str(self.config.model), quantized=bool(qcfg), bits=int(qcfg.get("bits", 0)),
             group_size=int(qcfg.get("group_size", 0)), kv_cache_dtype=self.kv_cache_dtype,
             max_context=self.engine.max_context, max_new_tokens_limit=self.config.max_new_tokens_limit,
-            engine=self.engine_name)
+            engine=self.engine_name, dtype=self.engine.dtype)
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1.Health/Check: SERVING once the model is loaded (the replica is up). No API key
@@ -221,13 +223,47 @@ def build_app(config: ServeConfig):
     ).bind(config.to_dict())
 
 
-def start_server(config: ServeConfig, blocking: bool = False) -> None:
+def start_server(config: ServeConfig) -> bool:
     """Start Serve's proxies on the connected Ray (gRPC on config.host:grpc_port, HTTP on config.host:http_port)
-    and deploy the app; returns once its replicas are up (blocking=True: serves until interrupted)."""
-    serve.start(http_options={"host": config.host, "port": config.http_port},
-                grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                controller_options={"runtime_env": {"env_vars": proxy_env(config.host)}})
-    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=blocking)
+    with rayquant's proxy hooks, deploy the app, and return once its replicas are up and every proxy is
+    verified to bind the configured address. Fails closed: on a Ray the hooks were not tested on, on a
+    cluster whose Serve runs without them, or when a proxy binds anything else, nothing is served and a
+    ConfigError says why. Returns whether this call started Serve."""
+    problem = private_api_problem()
+    if problem:
+        raise ConfigError(f"refusing to serve: {problem} (the gRPC proxy could otherwise listen on every interface)")
+    registry = hook_registry()  # the proxies report to it
+    started = not serve_running()
+    if started:
+        ray.get(registry.clear.remote())
+        serve.start(http_options={"host": config.host, "port": config.http_port},
+                    grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+                    controller_options={"runtime_env": {"env_vars": proxy_env(config.host)}})
+    else:
+        problems = lockdown_problems(config.host, config.grpc_port)
+        if problems:
+            raise ConfigError("Serve already runs on this cluster without rayquant's proxy hooks for "
+                              f"{config.host}:{config.grpc_port} ({'; '.join(problems)}): stop it (`serve shutdown`) "
+                              "or serve on a cluster where Serve is not running yet")
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    problems = wait_until_locked_down(config.host, config.grpc_port)
+    if problems:
+        stop_server(config, started)
+        raise ConfigError(f"refusing to serve: the gRPC proxy is not locked down ({'; '.join(problems)})")
+    return started
+
+
+def serve_running() -> bool:
+    status = serve.status()
+    return bool(status.proxies or status.applications)
+
+
+def stop_server(config: ServeConfig, started_serve: bool) -> None:
+    """Remove our application only; Serve itself too if this process started it and no other app remains."""
+    if config.app_name in serve.status().applications:
+        serve.delete(config.app_name)
+    if started_serve and not serve.status().applications:
+        serve.shutdown()
 
 
 def app_builder(args: dict[str, Any]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,25 @@ from serving.requests import (PreparedRequest, SamplingParams, StepOutput, eos_t
                               prepare_request)
 
 log = logging.getLogger(__name__)
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The float dtype config.json names ("bfloat16", "float16" or "float32")."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
+def serving_dtype(model_dir: Path, chosen: str, half_precision: bool) -> str:
+    """The dtype an engine computes in: the chosen one, or for "auto" the checkpoint's half type when the
+    engine computes in half precision (bf16 stays bf16; fp16 and fp32 checkpoints get fp16, as vLLM's own
+    "auto"), else float32."""
+    if chosen != "auto":
+        return chosen
+    if not half_precision:
+        return "float32"
+    return "bfloat16" if checkpoint_dtype(model_dir) == "bfloat16" else "float16"
 
 
 @dataclass
@@ -31,14 +51,17 @@ class _RowState:
 
 class GenerationEngine:
     def __init__(self, model_dir: Path, kv_cache_dtype: str = "fp16", max_new_tokens_limit: int = 512,
-                 max_context: int = 0, device: str = "auto", cache_dequantized_weights: bool = True) -> None:
+                 max_context: int = 0, device: str = "auto", cache_dequantized_weights: bool = True,
+                 dtype: str = "auto") -> None:
+        """dtype: "auto" = float32 on CPU (its fast kernels), the checkpoint's half type on GPU; or
+        "float16" / "bfloat16" / "float32"."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is unknown; use one of {KV_CACHE_DTYPES}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_dir = Path(model_dir)
-        # float32 on CPU (fast kernels there), float16 on GPU
-        self.model = load_model(self.model_dir, torch.float32 if device == "cpu" else torch.float16, device)
+        self.dtype = serving_dtype(self.model_dir, dtype, half_precision=device != "cpu")
+        self.model = load_model(self.model_dir, getattr(torch, self.dtype), device)
         for module in self.model.modules():
             if isinstance(module, QuantLinear):
                 module.cache_weight = cache_dequantized_weights

@@ -33,14 +33,11 @@ VLLM_KV_CACHE_DTYPES = {"fp16": "auto", "fp8": "fp8", "fp8_e5m2": "fp8_e5m2"}
 class VLLMOptions:
     """The `vllm:` section of the serve config."""
 
-    dtype: str = "float16"  # activations; GPTQ scales are fp16 (bf16 diverges from greedy fp32 much sooner)
     kv_cache_gb: float = 1.0  # memory for the paged KV cache per replica; 0 = vLLM's default (GPU share)
     enforce_eager: bool = True  # no torch.compile / CUDA graphs: fast start; False for GPU throughput
     gpu_memory_utilization: float = 0.9  # used when kv_cache_gb is 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "bfloat16", "float32"):
-            raise ConfigError(f"vllm.dtype {self.dtype!r} is unknown; use float16, bfloat16 or float32")
         if self.kv_cache_gb < 0 or not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("vllm.kv_cache_gb must be ≥ 0 and vllm.gpu_memory_utilization in (0, 1]")
 
@@ -56,7 +53,8 @@ class VLLMEngine:
     """One vLLM AsyncLLM per Serve replica. max_batch_size bounds the sequences decoded together."""
 
     def __init__(self, model_dir: Path, kv_cache_dtype: str, max_new_tokens_limit: int, max_context: int,
-                 max_batch_size: int, options: VLLMOptions) -> None:
+                 max_batch_size: int, options: VLLMOptions, dtype: str = "float16") -> None:
+        """dtype: activations and float weights (the serve config settles "auto" to the checkpoint's)."""
         if kv_cache_dtype not in VLLM_KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of vLLM's here; use one of "
                               f"{sorted(VLLM_KV_CACHE_DTYPES)}, or engine: transformers for the int8 cache")
@@ -71,7 +69,7 @@ class VLLMEngine:
             generation_config = None
         self.eos_ids = eos_token_ids(self.tokenizer, generation_config)
         args = AsyncEngineArgs(
-            model=str(self.model_dir), dtype=options.dtype, max_model_len=max_context or None,
+            model=str(self.model_dir), dtype=dtype, max_model_len=max_context or None,
             kv_cache_dtype=VLLM_KV_CACHE_DTYPES[kv_cache_dtype], max_num_seqs=max_batch_size,
             kv_cache_memory_bytes=int(options.kv_cache_gb * GiB) or None,
             gpu_memory_utilization=options.gpu_memory_utilization, enforce_eager=options.enforce_eager,
@@ -80,7 +78,8 @@ class VLLMEngine:
         self.max_context = int(self.engine.model_config.max_model_len)
         self.max_new_tokens_limit = max_new_tokens_limit
         self.quant_config = quantization_config(self.model_dir)
-        log.info("vLLM engine up: %s, dtype %s, KV cache %s, context %d", self.model_dir, options.dtype,
+        self.dtype = dtype
+        log.info("vLLM engine up: %s, dtype %s, KV cache %s, context %d", self.model_dir, dtype,
                  kv_cache_dtype, self.max_context)
 
     def prepare(self, prompt: str, messages: list[dict[str, str]], params: SamplingParams) -> PreparedRequest:

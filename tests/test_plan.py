@@ -62,7 +62,7 @@ def test_qwen2_72b_sizes_from_a_header_only_checkpoint(tmp_path):
 def test_model_sizes_from_headers(tiny_llama):
     reader = CheckpointReader(tiny_llama)
     sizes = model_sizes(reader, tokens_per_batch=1024, inflight=2, intermediate=256)
-    per_layer = (4 * 128 * 128 // 2 + 3 * 128 * 256 + 2 * 128 // 2) * 2  # q,o + k,v (half width) + mlp + norms
     assert sizes.layer_bytes == [reader.layer_bytes(0)] * 4
     assert sizes.layer_bytes[0] == (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256 + 2 * 128) * 2
-    assert per_layer > 0 and sizes.first_extra == reader.config.vocab_size * 128 * 2
+    assert sizes.first_extra == reader.config.vocab_size * 128 * 2  # embeddings, fp16
+    assert sizes.last_extra == reader.config.vocab_size * 128 * 2 + 128 * 2  # untied lm_head + final norm

@@ -1,4 +1,6 @@
-"""`ray job submit --working-dir . -- rayquant quantize …` against a `ray start --head` cluster."""
+"""`ray job submit --working-dir . -- rayquant quantize …` against a `ray start --head` cluster: the output
+lands at the absolute path the submitter gave (the README's `--out "$PWD/…"`), and a relative output —
+which would land in Ray's temporary copy of the working dir — is refused with the fix."""
 
 import json
 import os
@@ -31,19 +33,28 @@ def test_ray_job_submit(tiny_llama, tmp_path):
                               "--temp-dir", temp_dir], env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
     try:
+        def submit(out: str) -> subprocess.CompletedProcess:
+            cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                   "--", "rayquant", "quantize", "--model", str(tiny_llama), "--out", out, "--num-samples", "8",
+                   "--max-len", "32", "--group-size", "32", "--stages", "2"]
+            for _ in range(20):  # the job agent needs a few seconds after `ray start`
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+                if "No available agent" not in done.stdout + done.stderr:
+                    return done
+                time.sleep(3)
+            return done
+
         out = tmp_path / "out"
-        cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-               "--", "rayquant", "quantize", "--model", str(tiny_llama), "--out", str(out), "--num-samples", "8",
-               "--max-len", "32", "--group-size", "32", "--stages", "2"]
-        for _ in range(20):  # the job agent needs a few seconds after `ray start`
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in done.stdout + done.stderr:
-                break
-            time.sleep(3)
+        done = submit(str(out))
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         assert "succeeded" in done.stdout + done.stderr
         report = json.loads((out / "quantize_report.json").read_text())
-        assert len(report["stages"]) == 2
+        assert len(report["stages"]) == 2 and report["output_dir"] == str(out)
+        relative = submit("out/relative")
+        assert relative.returncode != 0
+        text = relative.stdout + relative.stderr
+        assert "is relative, and this job runs in Ray's temporary copy of its --working-dir" in text
+        assert '--out "$PWD/out/relative"' in text
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -6,7 +6,6 @@ import os
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,28 +13,11 @@ import pytest
 from bench.common import free_port
 from serving.client import GenerationClient
 from serving.config import ServeConfig
+from serving.proxy_hooks import listening_addresses
 from tests.test_pipeline import run_job
 from tests.test_serving import running_server
 
 KEY_ENV, KEY = "RAYQUANT_TEST_API_KEY", "test-key-0123456789"
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses of the TCP sockets listening on `port` ('127.0.0.1', '0.0.0.0', '::'), from /proc."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, _, hex_port = local.rpartition(":")
-            if state != "0A" or int(hex_port, 16) != port:
-                continue
-            if len(address) == 32 and address.startswith("0000000000000000FFFF0000"):  # IPv4-mapped IPv6
-                address = address[24:]
-            if len(address) == 8:
-                found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
-            else:
-                found.add("::" if int(address, 16) == 0 else address)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +123,24 @@ def test_a_deadline_that_passes_frees_the_batch_slot(locked_server):
     assert outcome["short_s"] < deadline_s + full_s / 2, (outcome, full_s)  # ≈ full_s if the slot stayed taken
 
 
+def test_a_cancelled_stream_frees_the_batch_slot(locked_server):
+    """One batch slot. A client that hangs up after the first chunk of a long stream frees the slot at once:
+    a short call behind it finishes in a fraction of the long decode's time."""
+    _, client = locked_server
+    started = time.perf_counter()
+    full = client.generate("Once upon a time", max_new_tokens=900, temperature=0)
+    full_s = time.perf_counter() - started
+    assert full.usage.completion_tokens > 300, "the tiny model stopped early; the test needs a long decode"
+    stream = client.stream("Once upon a time", max_new_tokens=900, temperature=0)
+    next(stream)
+    started = time.perf_counter()
+    stream.cancel()
+    short = client.generate("Hello", max_new_tokens=4, temperature=0)
+    short_s = time.perf_counter() - started
+    assert short.usage.completion_tokens >= 1
+    assert short_s < full_s / 2, (short_s, full_s)  # ≈ full_s if the cancelled stream kept its slot
+
+
 def scrape(port: int) -> dict[str, float]:
     """Prometheus text → {'name{labels}': value} for the rayquant series."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
@@ -170,12 +170,14 @@ def test_metrics_are_exported_for_prometheus(locked_server, ray_with_key_and_met
         after = scrape(ray_with_key_and_metrics)
         name = "ray_rayquant_requests_total"
         ok = total(after, name, code="OK") - total(before, name, code="OK")
-        if ok >= 2 or time.time() > deadline:
+        streamed = total(after, name, method="GenerateStream", code="OK") - total(
+            before, name, method="GenerateStream", code="OK")
+        if (ok >= 2 and streamed >= 1) or time.time() > deadline:  # metrics arrive late, in any order
             break
         time.sleep(1)
     assert ok >= 2
     assert total(after, "ray_rayquant_requests_total", code="UNAUTHENTICATED") >= 1
-    assert total(after, "ray_rayquant_requests_total", method="GenerateStream", code="OK") >= 1
+    assert streamed >= 1
     name = "ray_rayquant_generated_tokens_total"
     generated = total(after, name) - total(before, name)
     assert generated >= response.usage.completion_tokens

@@ -125,6 +125,50 @@ def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint
     assert all(len(t) > 0 for t in got)
 
 
+@needs_gptq_kernel
+def test_vllm_aborts_a_request_whose_caller_went_away(default_checkpoint):
+    """Closing a request's output stream (what the server does when its client hangs up or its deadline
+    passes) aborts it in vLLM: no unfinished request is left decoding."""
+    engine = VLLMEngine(default_checkpoint(4), "fp16", max_new_tokens_limit=256, max_context=1024, max_batch_size=4,
+                        options=VLLMOptions(kv_cache_gb=0.5))
+
+    async def hang_up() -> tuple[int, int]:
+        request = engine.prepare(PROMPTS[0], [], SamplingParams(max_new_tokens=256, temperature=0))
+        outputs = engine.outputs(request)
+        await outputs.__anext__()
+        running = engine.engine.get_num_unfinished_requests()
+        await outputs.aclose()
+        await asyncio.sleep(0.5)
+        return running, engine.engine.get_num_unfinished_requests()
+
+    try:
+        running, left = asyncio.run(hang_up())
+    finally:
+        engine.shutdown()
+    assert running == 1 and left == 0
+
+
+@needs_gptq_kernel
+def test_vllm_serves_a_bf16_checkpoint_in_bf16(tmp_path, ray_local):
+    """A bf16 model's checkpoint keeps bf16 float tensors, and vLLM computes in bf16 on it ("auto")."""
+    from serving.engine import checkpoint_dtype, serving_dtype
+    from tests.test_pipeline import run_job
+    from tests.tiny_models import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    out = tmp_path / "bf16-gptq"
+    run_job(model, out, stages=1, **{"quant.static_groups": True})
+    assert checkpoint_dtype(out) == "bfloat16" and serving_dtype(out, "auto", half_precision=True) == "bfloat16"
+    engine = VLLMEngine(out, "fp16", max_new_tokens_limit=16, max_context=256, max_batch_size=2,
+                        options=VLLMOptions(kv_cache_gb=0.25), dtype=serving_dtype(out, "auto", True))
+    try:
+        assert engine.engine.model_config.dtype == torch.bfloat16
+        (tokens,) = _vllm_greedy(engine, ["Numbers:"], 4)
+    finally:
+        engine.shutdown()
+    assert len(tokens) >= 1
+
+
 def test_vllm_reads_our_8bit_checkpoint_config(default_checkpoint):
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
     from vllm.scalar_type import scalar_types
@@ -148,6 +192,7 @@ def test_vllm_server_unary_and_stream_agree(vllm_server):
     config, client = vllm_server
     info = client.model_info()
     assert info.engine == "vllm" and info.kv_cache_dtype == "fp16" and info.bits == 4 and info.max_context == 1024
+    assert info.dtype == "float16"  # the default checkpoint is fp16
     for prompt in PROMPTS[:3]:
         unary = client.generate(prompt, max_new_tokens=16, temperature=0)
         chunks = list(client.stream(prompt, max_new_tokens=16, temperature=0))

@@ -134,11 +134,25 @@ def test_impossible_engine_choices_are_refused(tmp_path, monkeypatch, installed,
 
 
 def test_vllm_section_is_typed_and_checked():
-    config = ServeConfig.from_dict({"model": "m", "vllm": {"kv_cache_gb": 0.5, "dtype": "bfloat16"}})
+    config = ServeConfig.from_dict({"model": "m", "vllm": {"kv_cache_gb": 0.5}, "dtype": "bfloat16"})
     assert config.vllm.kv_cache_gb == 0.5 and ServeConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown key"):
         ServeConfig.from_dict({"model": "m", "vllm": {"kv_cache_size": 1}})
-    with pytest.raises(ConfigError, match="vllm.dtype"):
-        ServeConfig.from_dict({"model": "m", "vllm": {"dtype": "int4"}})
+    with pytest.raises(ConfigError, match="dtype 'int4' is unknown"):
+        ServeConfig.from_dict({"model": "m", "dtype": "int4"})
+
+
+@pytest.mark.parametrize("stored,half,chosen,served", [
+    ("bfloat16", True, "auto", "bfloat16"),  # a bf16 checkpoint stays bf16 (vLLM, ours on GPU)
+    ("float16", True, "auto", "float16"),
+    ("float32", True, "auto", "float16"),  # as vLLM's own "auto"
+    ("bfloat16", False, "auto", "float32"),  # ours on CPU computes in float32
+    ("bfloat16", True, "float16", "float16"),  # fp16 only when chosen
+])
+def test_serving_dtype_follows_the_checkpoint(tmp_path, stored, half, chosen, served):
+    from serving.engine import serving_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": stored}))
+    assert serving_dtype(tmp_path, chosen, half_precision=half) == served
     with pytest.raises(ConfigError, match="engine 'tgi' is unknown"):
         ServeConfig(model="m", engine="tgi")
