@@ -71,11 +71,22 @@ def resolve_output(name: str) -> str:
 
 
 def check_shapes(reader: CheckpointReader, job: JobConfig, intermediate: int) -> None:
-    """Fail before any work if the group size cannot split a layer's inputs."""
-    hidden = int(reader.config.hidden_size)
-    for name in reader.arch.linear_names:
-        in_features = intermediate if name == reader.arch.mlp_out else hidden
-        job.quant.check_in_features(name, in_features)
+    """Fail before any work if a tensor is missing, or the group size cannot split a layer's inputs."""
+    reader.check_complete()
+    arch, config = reader.arch, reader.config
+    if arch.moe is not None and job.quant.pad_intermediate_to:
+        raise ConfigError(f"pad_intermediate_to applies to dense MLPs; {config.model_type}'s experts are not padded "
+                          "(leave it at 0)")
+    checked: set[tuple[str, int]] = set()
+    for index in range(reader.num_layers):
+        dense = not arch.is_sparse(config, index)
+        for name, (_, in_features) in reader.linear_shapes(index).items():
+            if dense and name == arch.mlp_out:
+                in_features = intermediate
+            kind = name.rpartition(".")[2]
+            if (kind, in_features) not in checked:
+                checked.add((kind, in_features))
+                job.quant.check_in_features(name, in_features)
 
 
 def warn_if_not_vllm_loadable(job: JobConfig) -> None:

@@ -47,40 +47,68 @@ class ModelSizes:
 
 
 def solve_workspace(groups: list[tuple[int, int]]) -> int:
-    """Peak bytes of the GPTQ solves of one layer, for its sequential groups as (stacked rows, in_features):
-    inverting H holds ~2.5 [in, in] fp32 matrices beside 2 copies of the stacked weight; the column loop
-    holds H⁻¹ beside 4 weight-sized fp32 buffers and the uint8 codes."""
+    """Peak bytes of the GPTQ solves of one layer, for its units as (stacked rows, in_features): inverting H
+    holds ~2.5 [in, in] fp32 matrices beside 2 copies of the stacked weight; the column loop holds H⁻¹
+    beside 4 weight-sized fp32 buffers and the uint8 codes."""
     return max(max(int(2.5 * i * i * 4) + 2 * r * i * 4, i * i * 4 + 4 * r * i * 4 + r * i) for r, i in groups)
 
 
-def solve_groups(reader: CheckpointReader, intermediate: int) -> list[tuple[int, int]]:
-    """(stacked rows, in_features) of each sequential group of layer 0, with the MLP padded to `intermediate`."""
-    cfg, arch = reader.config, reader.arch
-    width = int(cfg.intermediate_size)
+def layer_groups(reader: CheckpointReader, index: int, intermediate: int, all_experts: bool = True
+                 ) -> list[tuple[list[tuple[int, int]], int]]:
+    """Each sequential group of layer `index` as ([(stacked rows, in_features) per unit], Hessians held at
+    once). The MLP of a dense layer is padded to `intermediate`. A sparse layer's expert groups hold one
+    Hessian per expert while their inputs are captured — except the gate/up group when every expert is
+    calibrated on every token, which shares one."""
+    arch, config = reader.arch, reader.config
+    width = int(config.intermediate_size)
+    dense = not arch.is_sparse(config, index)
+    shapes = reader.linear_shapes(index)
     groups = []
-    for group in arch.sequential:
-        shapes = [reader.tensors[f"{arch.layer_prefix(0)}.{name}.weight"].shape for name in group]
-        rows = sum(intermediate if shape[0] == width else shape[0] for shape in shapes)
-        in_features = intermediate if shapes[0][1] == width else shapes[0][1]
-        groups.append((rows, in_features))
+    for group in arch.layer_units(config, index):
+        units = []
+        for unit in group:
+            rows = sum(intermediate if dense and shapes[n][0] == width else shapes[n][0] for n in unit)
+            in_features = intermediate if dense and shapes[unit[0]][1] == width else shapes[unit[0]][1]
+            units.append((rows, in_features))
+        hessians = len(group)
+        if all_experts and len(group) > 1 and len(group[0]) == 2:  # the routed experts' gate/up share one
+            hessians = 1 + len(group) - arch.moe.num_experts(config)
+        groups.append((units, hessians))
     return groups
 
 
+def layer_workspace(groups: list[tuple[list[tuple[int, int]], int]]) -> int:
+    """Peak bytes of a layer's capture and solves: the Hessians a group holds while its inputs are captured,
+    then one unit's solve at a time (the others' Hessians still waiting)."""
+    peak = 0
+    for units, hessians in groups:
+        widest = max(i for _, i in units)
+        peak = max(peak, (hessians - 1) * widest * widest * 4 + solve_workspace(units))
+    return peak
+
+
 def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, intermediate: int,
-                compute_bytes: int | None = None, pipelined: bool = False) -> ModelSizes:
+                compute_bytes: int | None = None, pipelined: bool = False, all_experts: bool = True) -> ModelSizes:
     """Sizes for planning. compute_bytes: bytes per weight in the stage's compute dtype (4 on CPU; None =
     the checkpoint's); pipelined: stages keep their float layers. Activations: `inflight` batches in
-    and out and one MLP-wide intermediate, fp32."""
+    and out and one MLP-wide intermediate, fp32; a sparse layer adds the routed-token buffers (the
+    block's input and output, one expert's intermediate)."""
     cfg, arch = reader.config, reader.arch
     hidden = int(cfg.hidden_size)
     activations = 2 * inflight * tokens_per_batch * hidden * 4 + tokens_per_batch * intermediate * 4 * 3
+    if arch.moe is not None:
+        expert = arch.moe.expert_width(cfg)
+        activations += tokens_per_batch * (2 * hidden + 3 * expert) * 4
+    sparse_layers = [i for i in range(reader.num_layers) if arch.is_sparse(cfg, i)]
+    kinds = {0} | ({sparse_layers[0]} if sparse_layers else set())  # one dense and one sparse layer
+    workspace = max(layer_workspace(layer_groups(reader, i, intermediate, all_experts)) for i in kinds)
     head = reader.tensor_bytes(arch.lm_head) or 0
     checkpoint_bytes = reader.tensors[arch.embed + ".weight"].dtype_torch.itemsize
     return ModelSizes(
         layer_bytes=[reader.layer_bytes(i) for i in range(reader.num_layers)],
         first_extra=reader.tensor_bytes(arch.embed),
         last_extra=reader.tensor_bytes(arch.final_norm) + head,
-        workspace=solve_workspace(solve_groups(reader, intermediate)) + activations,
+        workspace=workspace + activations,
         compute_scale=(compute_bytes or checkpoint_bytes) / checkpoint_bytes,
         all_layers_resident=pipelined,
         base=BASE_BYTES,

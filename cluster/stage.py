@@ -11,7 +11,7 @@ import ray
 import torch
 
 from quantizer.activations import ActivationChunk, TokenBatch
-from quantizer.checkpoint import write_shard
+from quantizer.checkpoint import check_finite, write_shard
 from quantizer.config import QuantConfig
 from quantizer.engine import LayerReport, StageEngine, StagePhase, output_dtype, peak_rss_mb
 from quantizer.layer_store import FolderLayerStore
@@ -97,13 +97,14 @@ class StageWorker:
             if saved is None:
                 raise RuntimeError(f"layer {index} has no checkpoint; the stage did not finish")
             prefix = arch.layer_prefix(index)
-            tensors.update({f"{prefix}.{k}": v for k, v in saved[0].items()})
+            tensors.update({f"{prefix}.{arch.to_disk(k)}": v for k, v in saved[0].items()})
         names = []
         if self.first:
             names.append(arch.embed + ".weight")
         if self.last:
             names += [n for n in self.reader.tensors if n.startswith((arch.final_norm + ".", arch.lm_head + "."))]
         tensors.update({n: t.to(out_dtype) for n, t in self.reader.load(names).items()})
+        check_finite(tensors)
         write_shard(Location(folder), name, tensors)
         return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 

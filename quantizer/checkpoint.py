@@ -25,6 +25,14 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """No NaN or Inf is ever written: every float tensor is checked before its shard is."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RuntimeError(f"refusing to write non-finite values (NaN/Inf) in {len(bad)} tensor(s): {bad[:5]}; "
+                           "the float model or the solve produced them (check the model files, or raise damp_percent)")
+
+
 def write_shard(folder: Location, name: str, tensors: dict[str, torch.Tensor],
                 metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors shard: a reader never sees it half-written (local: temp name then rename;
@@ -46,22 +54,27 @@ def write_shard(folder: Location, name: str, tensors: dict[str, torch.Tensor],
 def expected_tensors(reader: CheckpointReader, qcfg: QuantConfig, intermediate: int,
                      out_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name → (shape, safetensors dtype) of every tensor the quantized checkpoint must hold."""
-    arch, fdt = reader.arch, _DTYPE_NAMES[out_dtype]
-    linears = set(arch.linear_names)
+    arch, config, fdt = reader.arch, reader.config, _DTYPE_NAMES[out_dtype]
+    linears: dict[int, set[str]] = {}
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, info in reader.tensors.items():
         if not name.startswith(arch.layers_prefix + "."):
             out[name] = (info.shape, fdt)
             continue
         module, _, kind = name.rpartition(".")
-        local = module[len(arch.layers_prefix) + 1 :].partition(".")[2]  # "3.self_attn.q_proj" → "self_attn.q_proj"
-        if local not in linears:
+        index_text, _, disk_local = module[len(arch.layers_prefix) + 1:].partition(".")  # "3", "self_attn.q_proj"
+        index = int(index_text)
+        if index not in linears:
+            linears[index] = set(arch.linear_names(config, index))
+        local = arch.from_disk(disk_local)
+        if local not in linears[index]:
             out[name] = (info.shape, fdt)
             continue
         shape = list(info.shape)
-        if local in arch.mlp_in:
+        dense = not arch.is_sparse(config, index)
+        if dense and local in arch.mlp_in:
             shape[0] = intermediate
-        if local == arch.mlp_out and kind == "weight":
+        if dense and local == arch.mlp_out and kind == "weight":
             shape[1] = intermediate
         if kind == "bias":
             out[name] = (tuple(shape), "F16")

@@ -8,6 +8,8 @@ from typing import Any
 from quantizer.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+MOE_FALLBACKS = ("rtn", "damp")
+FALLBACK_DAMP_PERCENT = 0.1  # the "damp" fallback's dampening
 VLLM_BITS = (4, 8)  # vLLM's GPTQ kernels (Marlin, Machete, CPU WNA16): uint4b8 / uint8b128, symmetric only
 
 
@@ -24,6 +26,9 @@ class QuantConfig:
     block_size: int = 128  # columns per lazy-batch update
     method: str = "gptq"  # "gptq" or "rtn" (round-to-nearest baseline, same outputs)
     pad_intermediate_to: int = 0  # zero-pad the MLP width to a multiple of this (0 = off)
+    moe_all_experts: bool = True  # MoE: every expert's Hessian from every token (outputs still follow the router)
+    moe_min_token_fraction: float = 0.005  # MoE: an expert whose Hessian saw fewer of the layer's tokens falls back
+    moe_fallback: str = "rtn"  # "rtn" (round-to-nearest) or "damp" (GPTQ with damp_percent 0.1)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -39,6 +44,10 @@ class QuantConfig:
             raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
         if self.method not in ("gptq", "rtn"):
             raise ConfigError(f"method={self.method!r} is unknown; use 'gptq' or 'rtn'")
+        if self.moe_fallback not in MOE_FALLBACKS:
+            raise ConfigError(f"moe_fallback={self.moe_fallback!r} is unknown; use one of {MOE_FALLBACKS}")
+        if not 0 <= self.moe_min_token_fraction < 1:
+            raise ConfigError(f"moe_min_token_fraction={self.moe_min_token_fraction} must lie in [0, 1)")
         if self.pad_intermediate_to < 0:
             raise ConfigError("pad_intermediate_to must be 0 (off) or a positive multiple such as 1024")
 

@@ -5,6 +5,7 @@ activations between passes live in an ActivationStore (in memory, or Ray's objec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -16,15 +17,18 @@ from torch import nn
 
 from quantizer.activations import ActivationChunk, ActivationStore, TokenBatch
 from quantizer.config import QuantConfig
-from quantizer.gptq import gptq_quantize
+from quantizer.architectures import Unit
+from quantizer.config import FALLBACK_DAMP_PERCENT
+from quantizer.gptq import Factorization, factorize
 from quantizer.hessian import HessianAccumulator
 from quantizer.layer_builder import (
     AttentionInputs, build_float_layer, build_quantized_layer, compute_config, pad_mlp, padded_intermediate,
 )
 from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
+from quantizer.moe import SparseMoe
 from quantizer.result import QuantResult
-from quantizer.rtn import rtn_quantize
+from quantizer.solvers import LocalSolver, Solver, SolveJob, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ class LayerReport:
     layer: int
     losses: dict[str, float] = field(default_factory=dict)  # linear name → output MSE per token
     cholesky_fallbacks: dict[str, str] = field(default_factory=dict)  # linear name → fallback used, if any
+    expert_tokens: list[int] = field(default_factory=list)  # MoE: calibration tokens routed to each expert
+    hessian_tokens: dict[str, int] = field(default_factory=dict)  # MoE: tokens in each expert unit's Hessian
+    expert_fallbacks: dict[str, str] = field(default_factory=dict)  # MoE: unit → fallback used and why
     seconds: float = 0.0
     resumed: bool = False
     started: float = 0.0  # wall-clock (time.time()) start and end, for timelines across stages
@@ -73,8 +80,11 @@ def output_dtype(source: torch.dtype) -> torch.dtype:
     return source if source in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def _names(groups: list[tuple[str, ...]]) -> str:
-    return ", ".join("+".join(name.rpartition(".")[2] for name in group) for group in groups)
+def _names(groups: list[tuple[Unit, ...]]) -> str:
+    """"q_proj+k_proj+v_proj, o_proj" or, for a sparse layer's expert group, "8 × gate_proj+up_proj"."""
+    def unit(u: Unit) -> str:
+        return "+".join(name.rpartition(".")[2] for name in u)
+    return ", ".join(unit(g[0]) if len(g) == 1 else f"{len(g)} × {unit(g[0])}" for g in groups)
 
 
 class StageEngine:
@@ -82,9 +92,10 @@ class StageEngine:
 
     def __init__(self, reader: CheckpointReader, layers: range, qcfg: QuantConfig, store: ActivationStore,
                  layer_store: LayerStore | None = None, device: str = "cpu",
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, solver: Solver | None = None) -> None:
         self.reader, self.arch, self.layers, self.qcfg = reader, reader.arch, layers, qcfg
         self.store, self.layer_store = store, layer_store
+        self.solver = solver or LocalSolver()
         self.device, self.dtype = torch.device(device), compute_dtype
         self.intermediate = padded_intermediate(reader.config, qcfg.pad_intermediate_to)
         self.config = compute_config(reader.config, self.intermediate)
@@ -107,6 +118,9 @@ class StageEngine:
     def _run(self, layer: nn.Module, chunk: ActivationChunk) -> torch.Tensor:
         hidden = chunk.hidden.to(self.device, self.dtype)
         self._mask = chunk.mask
+        moe = _sparse_block(layer)
+        if moe is not None:  # experts see real tokens only
+            moe.token_mask = chunk.mask
         with torch.inference_mode():
             return layer(hidden, **self.attention(hidden, chunk.mask))
 
@@ -114,8 +128,8 @@ class StageEngine:
         return ActivationChunk(self._run(layer, chunk), chunk.mask)
 
     def float_layer(self, index: int) -> nn.Module:
-        state = self.reader.load_prefix(self.arch.layer_prefix(index))
-        if self.intermediate != self.reader.config.intermediate_size:
+        state = {self.arch.from_disk(k): v for k, v in self.reader.load_prefix(self.arch.layer_prefix(index)).items()}
+        if self.intermediate != self.reader.config.intermediate_size and not self.arch.is_sparse(self.config, index):
             state = pad_mlp(state, self.arch, self.intermediate)
         return build_float_layer(self.arch, self.config, index, state, self.dtype, self.device)
 
@@ -133,7 +147,7 @@ class StageEngine:
             saved = self.layer_store.load(index) if self.layer_store else None
             if saved is not None:
                 tensors, old = saved
-                report.losses, report.cholesky_fallbacks, report.resumed = old.losses, old.cholesky_fallbacks, True
+                report = dataclasses.replace(old, resumed=True, started=report.started)
             else:
                 tensors = yield from self._quantize_layer(index, handles, report)
             yield StagePhase(index, "forward through the quantized layer" if saved is None else
@@ -152,15 +166,24 @@ class StageEngine:
                         ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
         yield StagePhase(index, "loading float weights")
         layer = self.float_layer(index)
-        groups = self.arch.sequential
+        groups = self.arch.layer_units(self.config, index)
         passes = [[g] for g in groups] if self.qcfg.true_sequential else [list(groups)]
+        moe = _sparse_block(layer)
         tensors: dict[str, torch.Tensor] = {}
         for pass_groups in passes:
             yield StagePhase(index, f"calibration forward ({len(handles)} batches) for {_names(pass_groups)}")
-            hessians = self._capture(layer, pass_groups, handles)
+            counting = moe is not None and not report.expert_tokens and any(
+                u[0].startswith("mlp.") for g in pass_groups for u in g)
+            if counting:
+                moe.routed_tokens = None
+            accs = self._capture(layer, pass_groups, handles)
+            if counting:
+                report.expert_tokens = [int(t) for t in (moe.routed_tokens if moe.routed_tokens is not None
+                                                         else torch.zeros(moe.num_experts))]
             for group in pass_groups:
                 yield StagePhase(index, f"solving {_names([group])}")
-                for name, result in self._solve_group(layer, group, hessians[group[0]]).items():
+                for name, result in self._solve_group(layer, group, accs, report):
+                    _check_finite(name, index, result)
                     module = layer.get_submodule(name)
                     module.weight.data = result.dequantize().to(self.dtype)
                     tensors.update(pack_result(result, self.qcfg.bits).tensors(name))
@@ -169,57 +192,130 @@ class StageEngine:
                     report.losses[name] = result.loss
                     if result.cholesky_fallback:
                         report.cholesky_fallbacks[name] = result.cholesky_fallback
+        linears = set(self.arch.linear_names(self.config, index))
         for name, param in layer.named_parameters():
-            if name.rpartition(".")[0] not in self.arch.linear_names:
+            if name.rpartition(".")[0] not in linears:
                 tensors[name] = param.detach().to(self.out_dtype)
         log.debug("layer %d quantized: loss %.4g", index, sum(report.losses.values()))
         return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
-    def _capture(self, layer: nn.Module, groups: list[tuple[str, ...]], handles: list[Any]
-                 ) -> dict[str, HessianAccumulator]:
-        """One pass over all batches, accumulating the shared input Hessian of each group."""
-        accs: dict[str, HessianAccumulator] = {}
+    def _capture(self, layer: nn.Module, groups: list[tuple[Unit, ...]], handles: list[Any]
+                 ) -> dict[Unit, HessianAccumulator]:
+        """One pass over all batches, accumulating the input Hessian of each unit. With every expert
+        calibrated on every token, the experts' gate/up units all read the block's input: one accumulator
+        serves them all. The pass stops once the last unit's inputs are seen (after the sparse block when
+        that unit is inside it)."""
+        accs: dict[Unit, HessianAccumulator] = {}
+        moe = _sparse_block(layer)
+        shared: HessianAccumulator | None = None
         hooks = []
-        for i, group in enumerate(groups):
-            module = layer.get_submodule(group[0])
-            acc = accs[group[0]] = HessianAccumulator(module.in_features, self.device)
-            last = i == len(groups) - 1
 
-            def hook(_module, args, acc=acc, last=last):
-                acc.add(args[0], self._mask)
-                if last:
-                    raise _StopForward
+        def accumulate(acc: HessianAccumulator):
+            def hook(_module, args):
+                x = args[0]  # [B, T, in] before the sparse block; [tokens, in] inside it (padding removed)
+                acc.add(x, self._mask if x.dim() == 3 else None)
+            return hook
 
-            hooks.append(module.register_forward_pre_hook(hook))
+        for group in groups:
+            for unit in group:
+                module = layer.get_submodule(unit[0])
+                if moe is not None and self.qcfg.moe_all_experts and _expert_input_unit(unit):
+                    if shared is None:
+                        shared = HessianAccumulator(module.in_features, self.device)
+                        hooks.append(module.register_forward_pre_hook(accumulate(shared)))
+                    accs[unit] = shared
+                    continue
+                acc = accs[unit] = HessianAccumulator(module.in_features, self.device)
+                hooks.append(module.register_forward_pre_hook(accumulate(acc)))
+
+        def stop(*_):
+            raise _StopForward
+
+        last = groups[-1][-1][0]
+        in_block = moe is not None and last.startswith("mlp.")
+        hooks.append(moe.register_forward_hook(stop) if in_block
+                     else layer.get_submodule(last).register_forward_pre_hook(stop))
+        if moe is not None:
+            moe.all_experts = self.qcfg.moe_all_experts
+        self._tokens = 0  # real tokens in this pass: what an expert's Hessian share is measured against
         try:
             for h in handles:
+                chunk = self.store.get(h)
+                self._tokens += int(chunk.mask.sum())
                 try:
-                    self._run(layer, self.store.get(h))
+                    self._run(layer, chunk)
                 except _StopForward:
                     pass
         finally:
             for hook_handle in hooks:
                 hook_handle.remove()
+            if moe is not None:
+                moe.all_experts = False
         return accs
 
-    def _solve_group(self, layer: nn.Module, group: tuple[str, ...], acc: HessianAccumulator
-                     ) -> dict[str, QuantResult]:
-        """Solve the projections of one group as a single stacked weight, then split the rows back."""
-        weights = [layer.get_submodule(name).weight.detach().float() for name in group]
-        for name, w in zip(group, weights):
-            self.qcfg.check_in_features(name, w.shape[1])
-        stacked = torch.cat(weights)
-        if self.qcfg.method == "gptq":
-            result = gptq_quantize(stacked, acc, self.qcfg)  # the accumulator hands its Hessian over
-        else:
-            result = rtn_quantize(stacked, self.qcfg, acc.take_hessian())
-        results: dict[str, QuantResult] = {}
-        row = 0
-        for name, w in zip(group, weights):
-            rows = slice(row, row + w.shape[0])
-            part = QuantResult(codes=result.codes[rows], scales=result.scales[:, rows], zeros=result.zeros[:, rows],
-                               g_idx=result.g_idx.clone(), loss=float(result.row_losses[rows].sum()),
-                               seconds=result.seconds, cholesky_fallback=result.cholesky_fallback)
-            results[name] = part
-            row += w.shape[0]
-        return results
+    def _solve_group(self, layer: nn.Module, group: tuple[Unit, ...], accs: dict[Unit, HessianAccumulator],
+                     report: LayerReport) -> Iterator[tuple[str, QuantResult]]:
+        """Solve each unit of a group as one stacked weight on this engine's solver, and split the rows back
+        by module. Jobs are made as the solver asks for them (one stacked weight at a time in this process);
+        units sharing a Hessian share its factorization; experts with too few tokens fall back."""
+        for job, result in self.solver.solve(self._jobs(layer, group, accs, report), self.qcfg):
+            widths = [layer.get_submodule(name).weight.shape[0] for name in job.names]
+            yield from split_rows(job, result, widths).items()
+
+    def _jobs(self, layer: nn.Module, group: tuple[Unit, ...], accs: dict[Unit, HessianAccumulator],
+              report: LayerReport) -> Iterator[SolveJob]:
+        facts: dict[int, Factorization] = {}
+        for unit in group:
+            weights = [layer.get_submodule(name).weight.detach().float() for name in unit]
+            for name, w in zip(unit, weights):
+                self.qcfg.check_in_features(name, w.shape[1])
+            acc, stacked = accs[unit], torch.cat(weights)
+            del weights
+            fallback = self._expert_fallback(unit, acc, self._tokens, report)
+            if self.qcfg.method == "rtn" or fallback == "rtn":
+                yield SolveJob(unit, stacked, None, acc.hessian() if acc.count else None)
+            elif fallback == "damp":
+                cfg = dataclasses.replace(self.qcfg, damp_percent=max(self.qcfg.damp_percent, FALLBACK_DAMP_PERCENT))
+                yield SolveJob(unit, stacked, factorize(acc, cfg, copy=True), cfg=cfg)
+            else:
+                shared = sum(other is acc for other in accs.values()) > 1
+                if id(acc) not in facts:  # H inverted once per accumulator; a lone one hands H over
+                    fact = factorize(acc, self.qcfg, copy=False)
+                    if not shared:
+                        yield SolveJob(unit, stacked, fact)
+                        continue
+                    facts[id(acc)] = fact
+                yield SolveJob(unit, stacked, facts[id(acc)])
+
+    def _expert_fallback(self, unit: Unit, acc: HessianAccumulator, total: int, report: LayerReport) -> str | None:
+        """For an expert unit whose Hessian saw fewer than moe_min_token_fraction of the layer's tokens:
+        the configured fallback ("rtn" or "damp"), recorded in the report and the log."""
+        if not unit[0].startswith("mlp.experts."):
+            return None
+        report.hessian_tokens[unit[0]] = acc.count
+        needed = self.qcfg.moe_min_token_fraction * total
+        if acc.count >= needed and acc.count > 0:
+            return None
+        how = self.qcfg.moe_fallback
+        report.expert_fallbacks[unit[0]] = f"{how}: {acc.count} tokens < {needed:.0f}"
+        log.warning("layer %d %s saw %d calibration tokens (< %.0f, moe_min_token_fraction %.3g): %s", report.layer,
+                    unit[0], acc.count, needed, self.qcfg.moe_min_token_fraction,
+                    "round-to-nearest" if how == "rtn" else f"GPTQ with damp_percent {FALLBACK_DAMP_PERCENT}")
+        return "rtn" if acc.count == 0 else how
+
+
+def _sparse_block(layer: nn.Module) -> SparseMoe | None:
+    mlp = getattr(layer, "mlp", None)
+    return mlp if isinstance(mlp, SparseMoe) else None
+
+
+def _expert_input_unit(unit: Unit) -> bool:
+    """A routed expert's gate/up unit (reads the sparse block's input)."""
+    return unit[0].startswith("mlp.experts.") and len(unit) == 2
+
+
+def _check_finite(name: str, index: int, result: QuantResult) -> None:
+    """No NaN or Inf reaches a checkpoint: a non-finite scale means the solve diverged."""
+    if not torch.isfinite(result.scales.float()).all():
+        raise RuntimeError(f"layer {index} {name}: the solve produced non-finite scales (NaN/Inf); check the "
+                           "calibration data, or raise damp_percent")

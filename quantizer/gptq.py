@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +23,7 @@ from quantizer.grid import dequantize_codes, grid_params, quantize_codes
 from quantizer.hessian import HessianAccumulator
 from quantizer.result import QuantResult
 
-__all__ = ["gptq_quantize", "inverse_hessian_cholesky"]
+__all__ = ["Factorization", "factorize", "gptq_quantize", "gptq_solve", "inverse_hessian_cholesky"]
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +78,28 @@ def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     return inverse
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, cfg: QuantConfig
-                  ) -> QuantResult:
-    """weight W: [out, in]; hessian H: [in, in] = 2/n ΣXᵀX (undamped), or the accumulator that holds it,
-    which then hands it over (no copy: one [in, in] matrix less, 3.5 GB for a 29696-wide input).
-    Returns codes in original column order."""
-    start = time.perf_counter()
-    W = weight.float().clone()
-    H = hessian.take_hessian() if isinstance(hessian, HessianAccumulator) else hessian.float().clone()
-    in_f = W.shape[1]
-    group = in_f if cfg.group_size == -1 else cfg.group_size
+@dataclass
+class Factorization:
+    """What GPTQ derives from one Hessian, shared by every weight that sees the same inputs (q/k/v; the
+    experts of a layer when each is calibrated on every token): solve order and the factor of H⁻¹."""
+    perm: torch.Tensor | None  # [in] solve order (None: natural)
+    group_order: torch.Tensor | None  # group-aware order of the groups, when used
+    Hinv: torch.Tensor  # [in, in] float32 upper Cholesky factor of (H + λI)⁻¹, in solve order
+    dead: torch.Tensor  # [in] bool, inputs that were always zero
+    lam: float  # the dampening added to diag H
+    fallback: str  # Cholesky fallback used ("" if none)
 
+
+def factorize(hessian: torch.Tensor | HessianAccumulator, cfg: QuantConfig, copy: bool = True) -> Factorization:
+    """hessian H: [in, in] = 2/n ΣXᵀX (undamped), or the accumulator that holds it. With copy=False an
+    accumulator hands H over (no second [in, in] matrix: 3.5 GB for a 29696-wide input); with copy=True
+    (the default for a tensor) H is left as it was."""
+    if isinstance(hessian, HessianAccumulator):
+        H = hessian.hessian() if copy else hessian.take_hessian()
+    else:
+        H = hessian.float().clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: any weight works, pick 0
     H[dead, dead] = 1
-    W[:, dead] = 0
-    static = cfg.static_groups or cfg.group_size == -1
-    static_params = [grid_params(W[:, g0:g0 + group], cfg.bits, cfg.sym)
-                     for g0 in range(0, in_f, group)] if static else []
-
     perm, group_order = column_order(torch.diag(H), cfg)
     if perm is not None:  # in two steps, so that at most two [in, in] matrices exist at once
         H = H[perm]
@@ -102,9 +107,33 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulat
     holder = [H]  # handed over: the inversion frees H as soon as it has the reversed copy
     del H
     Hinv, fallback, lam = inverse_hessian_cholesky(holder, cfg.damp_percent)
+    return Factorization(perm, group_order, Hinv, dead, lam, fallback)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, cfg: QuantConfig
+                  ) -> QuantResult:
+    """weight W: [out, in]; hessian H: [in, in] = 2/n ΣXᵀX (undamped), or the accumulator that holds it,
+    which then hands it over. Returns codes in original column order."""
+    start = time.perf_counter()
+    result = gptq_solve(weight, factorize(hessian, cfg, copy=False), cfg)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def gptq_solve(weight: torch.Tensor, fact: Factorization, cfg: QuantConfig) -> QuantResult:
+    """weight W: [out, in] solved against a factorization of its inputs' Hessian (left unchanged)."""
+    start = time.perf_counter()
+    W = weight.float().clone()
+    in_f = W.shape[1]
+    group = in_f if cfg.group_size == -1 else cfg.group_size
+    W[:, fact.dead.to(W.device)] = 0
+    static = cfg.static_groups or cfg.group_size == -1
+    static_params = [grid_params(W[:, g0:g0 + group], cfg.bits, cfg.sym)
+                     for g0 in range(0, in_f, group)] if static else []
+    perm = fact.perm
     Wt = (W if perm is None else W[:, perm]).t().contiguous()  # [in, out], permuted column order
-    codes_t, scaled_err, grids = _column_loop(Wt, Hinv, cfg, group, static_params, perm)
-    del Wt, Hinv
+    codes_t, scaled_err, grids = _column_loop(Wt, fact.Hinv, cfg, group, static_params, perm)
+    del Wt
 
     perm_cols = torch.arange(in_f, device=W.device) if perm is None else perm
     invperm = torch.argsort(perm_cols)
@@ -112,8 +141,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulat
     zeros = torch.stack([z for _, z in grids])
     if static:
         g_idx = torch.arange(in_f, device=W.device) // group
-    elif group_order is not None:  # group-aware order keeps groups contiguous: renumber them in column order
-        inv_order = torch.argsort(group_order)
+    elif fact.group_order is not None:  # group-aware order keeps groups contiguous: renumber them in column order
+        inv_order = torch.argsort(fact.group_order)
         scales, zeros = scales[inv_order], zeros[inv_order]
         g_idx = torch.arange(in_f, device=W.device) // group
     else:  # groups numbered in solve order; act-order scatters their columns
@@ -124,7 +153,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulat
         zeros=zeros.to(torch.int32),
         g_idx=g_idx.to(torch.int32),
         loss=0.0,
-        cholesky_fallback=fallback,
+        cholesky_fallback=fact.fallback,
     )
     # Σ (err/d)² is ΔW(H + λI)ΔWᵀ exactly (each column's error is the exact increase of the objective);
     # subtracting λ‖ΔW‖² leaves the undamped output error, without an [out, in] × [in, in] product.
@@ -136,7 +165,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulat
         rows = slice(r0, r0 + LOSS_ROWS)
         delta = W[rows] - result.dequantize(rows)
         delta_sq[rows] = (delta * delta).sum(1)
-    result.row_losses = (err_sq - lam * delta_sq) / 2
+    result.row_losses = (err_sq - fact.lam * delta_sq) / 2
     result.loss = float(result.row_losses.sum())
     result.seconds = time.perf_counter() - start
     return result

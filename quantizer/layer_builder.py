@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from quantizer.architectures import Architecture
 from quantizer.config import QuantConfig
+from quantizer.moe import SparseMoe
 from quantizer.packing import PackedLinear
 from quantizer.qlinear import QuantLinear
 
@@ -47,11 +48,19 @@ def pad_mlp(state: dict[str, torch.Tensor], arch: Architecture, size: int) -> di
     return out
 
 
-def build_float_layer(arch: Architecture, config: PretrainedConfig, index: int,
-                      state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Decoder layer `index` from its float tensors (keys relative to the layer), without random init."""
+def empty_layer(arch: Architecture, config: PretrainedConfig, index: int) -> nn.Module:
+    """Decoder layer `index` on the meta device; a sparse layer gets one module per expert (SparseMoe)."""
     with torch.device("meta"):
         layer = arch.cls(arch.decoder_layer)(config, index)
+        if arch.is_sparse(config, index):
+            layer.mlp = SparseMoe(arch.moe, config)
+    return layer
+
+
+def build_float_layer(arch: Architecture, config: PretrainedConfig, index: int,
+                      state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Decoder layer `index` from its float tensors (module names relative to the layer), without random init."""
+    layer = empty_layer(arch, config, index)
     layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
     return layer.eval()
 
@@ -64,17 +73,16 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def build_quantized_layer(arch: Architecture, config: PretrainedConfig, index: int,
                           tensors: dict[str, torch.Tensor], qcfg: QuantConfig, dtype: torch.dtype,
                           device: torch.device) -> nn.Module:
-    """Decoder layer `index` with QuantLinear projections from GPTQ tensors (keys relative to the layer)."""
-    with torch.device("meta"):
-        layer = arch.cls(arch.decoder_layer)(config, index)
-    for name in arch.linear_names:
+    """Decoder layer `index` with QuantLinear projections from GPTQ tensors (module names relative to the layer)."""
+    layer = empty_layer(arch, config, index)
+    linears = arch.linear_names(config, index)
+    for name in linears:
         packed = PackedLinear(*(tensors[f"{name}.{k}"].to(device) for k in ("qweight", "qzeros", "scales", "g_idx")),
                               bits=qcfg.bits)
         bias = tensors.get(f"{name}.bias")
         bias = None if bias is None else bias.to(device)
         set_submodule(layer, name, QuantLinear.from_packed(packed, qcfg.group_size, bias))
-    rest = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()
-            if k.rpartition(".")[0] not in arch.linear_names}
+    rest = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items() if k.rpartition(".")[0] not in linears}
     layer.load_state_dict(rest, strict=False, assign=True)
     missing = [n for n, p in layer.named_parameters() if p.is_meta]
     if missing:

@@ -15,6 +15,7 @@ from quantizer.architectures import get_architecture
 from quantizer.config import QuantConfig
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import set_submodule
+from quantizer.moe import SparseMoe
 from quantizer.qlinear import QuantLinear
 
 
@@ -26,6 +27,15 @@ def quantization_config(model_dir: Path) -> dict:
 
 def is_quantized(model_dir: Path) -> bool:
     return bool(quantization_config(model_dir))
+
+
+def module_name(arch, name: str) -> str:
+    """A full tensor name on disk → its name in our modules (Mixtral's block_sparse_moe → mlp)."""
+    prefix = arch.layers_prefix + "."
+    if not name.startswith(prefix):
+        return name
+    index, _, local = name[len(prefix):].partition(".")
+    return f"{prefix}{index}.{arch.from_disk(local)}"
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
@@ -45,15 +55,18 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
     arch = get_architecture(config.model_type)
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        for i in range(config.num_hidden_layers):  # sparse blocks: one module per expert, as on disk
+            if arch.is_sparse(config, i):
+                model.get_submodule(arch.layer_prefix(i)).mlp = SparseMoe(arch.moe, config).to(dtype)
     for i in range(config.num_hidden_layers):
-        for name in arch.linear_names:
+        for name in arch.linear_names(config, i):
             full = f"{arch.layer_prefix(i)}.{name}"
             old = model.get_submodule(full)
             set_submodule(model, full, QuantLinear(qcfg.bits, qcfg.group_size, old.in_features, old.out_features,
                                                    old.bias is not None))
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(model_dir.glob("model*.safetensors")):
-        state.update(load_file(str(shard)))
+        state.update({module_name(arch, k): v for k, v in load_file(str(shard)).items()})
     floats = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith((".scales", ".bias")) else v)
               for k, v in state.items()}
     model.load_state_dict(floats, strict=False, assign=True)

@@ -79,6 +79,30 @@ class CheckpointReader:
         prefix = self.arch.layer_prefix(index) + "."
         return [n for n in self.tensors if n.startswith(prefix)]
 
+    def linear_shapes(self, index: int) -> dict[str, tuple[int, int]]:
+        """Module name (relative to the layer) → (out, in) of each projection quantized in layer `index`."""
+        prefix = self.arch.layer_prefix(index)
+        shapes = {}
+        for name in self.arch.linear_names(self.config, index):
+            key = f"{prefix}.{self.arch.to_disk(name)}.weight"
+            if key not in self.tensors:
+                raise ConfigError(f"tensor {key} is missing from {self.source.description}: the checkpoint is "
+                                  "incomplete (re-download or re-convert it)")
+            shapes[name] = tuple(self.tensors[key].shape)
+        return shapes
+
+    def check_complete(self) -> None:
+        """Every layer's projections (every expert's, in a sparse layer) and its float router weights are in
+        the headers: a missing tensor is refused before any work starts."""
+        for index in range(self.num_layers):
+            self.linear_shapes(index)
+            prefix = self.arch.layer_prefix(index)
+            for name in self.arch.float_names(self.config, index):
+                key = f"{prefix}.{self.arch.to_disk(name)}.weight"
+                if key not in self.tensors:
+                    raise ConfigError(f"tensor {key} is missing from {self.source.description}: the checkpoint is "
+                                      "incomplete (re-download or re-convert it)")
+
     def layer_bytes(self, index: int) -> int:
         return sum(self.tensors[n].nbytes for n in self.layer_tensor_names(index))
 

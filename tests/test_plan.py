@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.plan import GB, ModelSizes, model_sizes, plan_stages, solve_groups
+from cluster.plan import GB, ModelSizes, layer_groups, model_sizes, plan_stages
 from quantizer.errors import ConfigError
 from quantizer.model_io import CheckpointReader
 
@@ -46,8 +46,8 @@ def test_qwen2_72b_sizes_from_a_header_only_checkpoint(tmp_path):
     sizes = model_sizes(reader, tokens_per_batch=4 * 2048, inflight=4, intermediate=29696)
     assert sum(sizes.layer_bytes) / GB == pytest.approx(130.8, abs=0.1)  # 877.7M params × 2 B per layer
     assert sizes.first_extra == sizes.last_extra - 8192 * 2 == 152064 * 8192 * 2
-    assert solve_groups(reader, 29696) == [(8192 + 2 * 1024, 8192), (8192, 8192), (2 * 29696, 8192),
-                                           (8192, 29696)]
+    assert layer_groups(reader, 0, 29696) == [([(8192 + 2 * 1024, 8192)], 1), ([(8192, 8192)], 1),
+                                              ([(2 * 29696, 8192)], 1), ([(8192, 29696)], 1)]
     # the down_proj solve dominates: 2.5 H-sized fp32 matrices (29696²) beside two copies of its weight
     assert sizes.workspace >= int(2.5 * 29696**2 * 4) + 2 * 8192 * 29696 * 4
     plans = plan_stages(sizes, 8, budget_bytes=80 * GB)  # sequential on 80 GB GPUs: one bf16 layer + workspace
