@@ -128,6 +128,20 @@ def few_tokens_warning(tokens: int, reader: CheckpointReader, intermediate: int)
             "(raise --num-samples or --max-len)")
 
 
+def check_cluster_resources(workers: int, cpus: int, gpus: float) -> None:
+    """Refuse, before any layer starts, a job that needs more CPUs or GPUs than the cluster has: its actors
+    and solve tasks would wait for them forever."""
+    total = ray.cluster_resources()
+    missing = []
+    if workers * cpus > total.get("CPU", 0):
+        missing.append(f"{workers * cpus} CPUs ({workers} workers × {cpus}), the cluster has {total.get('CPU', 0):g}")
+    if gpus and workers * gpus > total.get("GPU", 0):
+        missing.append(f"{workers * gpus:g} GPUs ({workers} workers × {gpus:g}), the cluster has {total.get('GPU', 0):g}")
+    if missing:
+        raise ConfigError(f"this job needs {'; '.join(missing)}: add nodes, or lower --stages, "
+                          "resources.solve_workers or resources.cpus_per_stage")
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """A ConfigError raised inside an actor reaches the driver wrapped; hand the user the original."""
     cause = getattr(exc, "cause", None)
@@ -184,8 +198,10 @@ class Driver:
         lock = JobLock(target.work)
         published = False
         try:
-            owns_ray = connect_ray(job.ray_address, cpus * len(self.plans))
+            extra = job.resources.solve_workers - 1
+            owns_ray = connect_ray(job.ray_address, cpus * (len(self.plans) + extra))
             try:
+                check_cluster_resources(len(self.plans) + extra, cpus, job.resources.gpus_per_stage)
                 lock.acquire()
                 target.prepare(replacing)
                 done, stamp = open_work_dir(target.work, settings, self.restart, {"replacing": replacing})
@@ -218,7 +234,8 @@ class Driver:
             StageWorker.options(num_cpus=cpus, num_gpus=job.resources.gpus_per_stage,
                                 max_restarts=job.resources.max_restarts, max_task_retries=0).remote(
                 p.index, self.model, p.layers, job.quant, layers_folder(self.target.work).url,
-                p.index == 0, p.index == len(self.plans) - 1, cpus)
+                p.index == 0, p.index == len(self.plans) - 1, cpus, job.resources.solve_workers,
+                job.resources.gpus_per_stage)
             for p in self.plans
         ]
         self.recoveries: list[Recovery] = []

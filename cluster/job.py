@@ -24,6 +24,8 @@ class ResourceConfig:
     memory_per_stage_gb: float = 0  # planning budget per stage; 0 = the GPU's memory, or host RAM / stages
     max_restarts: int = 2  # times Ray replaces a dead stage actor; the stage then resumes from its layers
     max_inflight_chunks: int = 4  # activation batches in flight between two stages (backpressure)
+    solve_workers: int = 1  # processes solving a layer's units (MoE experts): the stage + N-1 Ray tasks, each
+    #                         with the stage's CPUs / GPUs
 
     def __post_init__(self) -> None:
         if self.cpus_per_stage < 0:
@@ -32,6 +34,8 @@ class ResourceConfig:
             raise ConfigError("resources.gpus_per_stage, memory_per_stage_gb and max_restarts must be ≥ 0")
         if self.max_inflight_chunks < 1:
             raise ConfigError("resources.max_inflight_chunks must be at least 1")
+        if self.solve_workers < 1:
+            raise ConfigError("resources.solve_workers must be at least 1 (1 = the stage solves alone)")
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ from typing import Any, Iterator
 import ray
 import torch
 
+from cluster.solve_workers import RaySolver
 from quantizer.activations import ActivationChunk, TokenBatch
 from quantizer.checkpoint import check_finite, write_shard
 from quantizer.config import QuantConfig
 from quantizer.engine import LayerReport, StageEngine, StagePhase, output_dtype, peak_rss_mb
 from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
+from quantizer.solvers import LocalSolver
 from quantizer.sources import ModelRef
 from quantizer.storage import Location
 
@@ -41,9 +43,10 @@ class RayObjectStore:
 @ray.remote
 class StageWorker:
     def __init__(self, index: int, model: ModelRef, layers: range, qcfg: QuantConfig, layers_url: str,
-                 first: bool, last: bool, threads: int) -> None:
+                 first: bool, last: bool, threads: int, solve_workers: int = 1, gpus: float = 0) -> None:
         """model: as the driver resolved it (local dir, Hub commit, or URL; shards are fetched on first use);
-        layers_url: the folder of per-layer checkpoints (local or object storage)."""
+        layers_url: the folder of per-layer checkpoints (local or object storage); solve_workers: processes
+        that solve a layer's units, this one included (the others are Ray tasks of the same size)."""
         torch.set_num_threads(threads)  # the same in every stage: results must not depend on the split
         self.index, self.first, self.last = index, first, last
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
@@ -52,7 +55,8 @@ class StageWorker:
             self.reader.tensors[self.reader.arch.embed + ".weight"].dtype_torch)
         self.store = RayObjectStore()
         self.layer_store = FolderLayerStore(Location(layers_url))
-        self.engine = StageEngine(self.reader, layers, qcfg, self.store, self.layer_store, self.device, dtype)
+        solver = RaySolver(solve_workers, threads, gpus) if solve_workers > 1 else LocalSolver()
+        self.engine = StageEngine(self.reader, layers, qcfg, self.store, self.layer_store, self.device, dtype, solver)
         self.bytes_emitted = 0
         self._float_layers: dict[int, torch.nn.Module] = {}
 
@@ -111,6 +115,8 @@ class StageWorker:
     def stats(self) -> dict[str, Any]:
         """bytes_read: object-store reads (each layer pass re-reads its inputs); bytes_emitted: activations
         handed to later stages."""
+        solver = self.engine.solver
         return {"stage": self.index, "peak_rss_mb": peak_rss_mb(), "bytes_read": self.store.bytes_read,
+                "solves_elsewhere": getattr(solver, "remote_jobs", 0),
                 "bytes_emitted": self.bytes_emitted, "device": self.device, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}

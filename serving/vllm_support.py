@@ -24,16 +24,31 @@ from quantizer.loading import quantization_config
 # The ops vLLM's GPTQ linear kernels call, by device: CPUWNA16 on CPU; Marlin, Machete or the ExLlama
 # gptq_gemm on CUDA (any one will do: vLLM picks among them by GPU generation).
 GPTQ_KERNEL_OPS = {"cpu": ("cpu_gemm_wna16",), "cuda": ("marlin_gemm", "machete_mm", "gptq_gemm")}
+# GPTQ mixture-of-experts: on CPU, vLLM's int4 expert kernels each decide whether they run on this device
+# (CPUExpertsInt4 needs AMX tiles; ZentorchExpertsInt4 needs the zentorch ops); on CUDA, Marlin's MoE op.
+MOE_CPU_KERNELS = (("vllm.model_executor.layers.fused_moe.experts.cpu_moe", "CPUExpertsInt4"),
+                   ("vllm.model_executor.layers.fused_moe.experts.zentorch_moe", "ZentorchExpertsInt4"))
 
 _PROBE = r"""
-import json, sys, torch
+import importlib, json, sys, torch
 if sys.argv[1] == "no-avx512":  # what vLLM does on a CPU without AVX-512 (used to test that path anywhere)
     torch.cpu._is_avx512_supported = lambda: False
 from vllm.platforms import current_platform
 current_platform.import_kernels()
 libraries = sorted({line.split()[-1].rpartition("/")[2] for line in open("/proc/self/maps")
                     if "/vllm/_C" in line and ".so" in line})
-print(json.dumps({"ops": [op for op in sys.argv[2:] if hasattr(torch.ops._C, op)], "libraries": libraries}))
+moe = []
+if sys.argv[2] == "cpu":
+    for module, name in json.loads(sys.argv[3]):
+        try:
+            if getattr(importlib.import_module(module), name)._supports_current_device():
+                moe.append(name)
+        except Exception:
+            pass
+elif hasattr(torch.ops, "_moe_C") and hasattr(torch.ops._moe_C, "moe_wna16_marlin_gemm"):
+    moe.append("moe_wna16_marlin_gemm")
+print(json.dumps({"ops": [op for op in sys.argv[4:] if hasattr(torch.ops._C, op)], "libraries": libraries,
+                  "moe": moe}))
 """
 
 
@@ -49,6 +64,18 @@ class KernelProbe:
     present: tuple[str, ...]  # GPTQ_KERNEL_OPS[device] found in torch.ops._C
     libraries: tuple[str, ...]  # vLLM extension files the probe process loaded, e.g. ("_C_AVX2.abi3.so",)
     error: str | None = None  # the probe itself failed (vLLM does not import, …)
+    moe: tuple[str, ...] = ()  # GPTQ MoE expert kernels that run on this device
+
+    @property
+    def moe_problem(self) -> str | None:
+        """Why vLLM's GPTQ mixture-of-experts kernels cannot run here, with the fix; None when one can."""
+        if self.error or self.moe:
+            return self.problem
+        if self.device == "cpu":
+            return ("vLLM's CPU kernels for GPTQ experts do not run on this CPU (CPUExpertsInt4 needs AMX tiles — "
+                    "Intel Sapphire Rapids or newer —, ZentorchExpertsInt4 the zentorch package); serve with engine: "
+                    "transformers, or on a GPU")
+        return "vLLM's build here has no Marlin MoE op (moe_wna16_marlin_gemm); serve with engine: transformers"
 
     @property
     def problem(self) -> str | None:
@@ -71,15 +98,15 @@ def _run_probe(device: str, assume_no_avx512: bool) -> KernelProbe:
     ops = GPTQ_KERNEL_OPS[device]
     mode = "no-avx512" if assume_no_avx512 else "native"
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE, mode, *ops], capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([sys.executable, "-c", _PROBE, mode, device, json.dumps(MOE_CPU_KERNELS), *ops],
+                              capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return KernelProbe(device, (), (), f"the probe process failed: {exc}")
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return KernelProbe(device, (), (), last)
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    return KernelProbe(device, tuple(found["ops"]), tuple(found["libraries"]))
+    return KernelProbe(device, tuple(found["ops"]), tuple(found["libraries"]), moe=tuple(found["moe"]))
 
 
 @functools.cache
@@ -91,10 +118,17 @@ def probe_gptq_kernels(device: str, assume_no_avx512: bool = False) -> KernelPro
     return _run_probe(device, assume_no_avx512)
 
 
+def is_moe(model_dir: Path) -> bool:
+    """The checkpoint is a mixture of experts (its config names an expert count)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(config.get("num_experts") or config.get("num_local_experts"))
+
+
 def vllm_refusal(model_dir: Path, on_gpu: bool) -> str | None:
     """Why vLLM would refuse to run this checkpoint here, or None. Float checkpoints need no GPTQ kernel.
     Settings vLLM's GPTQ path refuses are found from the config alone; on CPU, vLLM's only GPTQ kernel
-    (CPUWNA16) takes 4-bit, and 8-bit needs its GPU kernels (Marlin); then the kernel op is probed."""
+    (CPUWNA16) takes 4-bit, and 8-bit needs its GPU kernels (Marlin); then the kernel op is probed (for
+    a mixture of experts, the expert kernels)."""
     qdict = quantization_config(model_dir)
     if qdict.get("quant_method") != "gptq":
         return None
@@ -103,7 +137,8 @@ def vllm_refusal(model_dir: Path, on_gpu: bool) -> str | None:
     if not on_gpu and layout.bits == 8:
         problems.append("bits=8 on CPU (vLLM's CPU GPTQ kernel takes 4-bit; 8-bit runs on its GPU kernels)")
     if not problems:
-        kernel_problem = probe_gptq_kernels("cuda" if on_gpu else "cpu").problem
+        probe = probe_gptq_kernels("cuda" if on_gpu else "cpu")
+        kernel_problem = probe.moe_problem if is_moe(model_dir) else probe.problem
         if kernel_problem:
             problems.append(kernel_problem)
     return "; ".join(problems) if problems else None
