@@ -46,11 +46,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "generation_config.json")
 
 
-def write_random_checkpoint(path: Path, layers: int, seed: int = 0) -> Path:
-    """Qwen2-72B's config with `layers` decoder layers; random bf16 weights (linears N(0, 0.02²), norms 1,
-    biases N(0, 0.02²)); one shard per layer plus one for the embeddings and one for norm + head.
-    Tokenizer files come from the packaged SmolLM2 (its 49152 ids all lie inside Qwen2's vocabulary)."""
-    config = {**QWEN2_72B, "num_hidden_layers": layers}
+def write_random_checkpoint(path: Path, layers: int, seed: int = 0, shapes_of: dict = QWEN2_72B) -> Path:
+    """`shapes_of`'s config (Qwen2-72B by default) with `layers` decoder layers; random bf16 weights (linears
+    N(0, 0.02²), norms 1, biases N(0, 0.02²)); one shard per layer plus one for the embeddings and one for
+    norm + head. Tokenizer files come from the packaged SmolLM2 (its 49152 ids all lie inside Qwen's
+    vocabularies)."""
+    config = {**shapes_of, "num_hidden_layers": layers}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     for name in TOKENIZER_FILES:

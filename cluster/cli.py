@@ -17,7 +17,9 @@ _QUANTIZE_FLAGS = {
     "act_group_aware": "quant.act_group_aware", "sym": "quant.sym",
     "damp_percent": "quant.damp_percent", "static_groups": "quant.static_groups",
     "true_sequential": "quant.true_sequential", "method": "quant.method",
-    "pad_intermediate_to": "quant.pad_intermediate_to",
+    "pad_intermediate_to": "quant.pad_intermediate_to", "moe_all_experts": "quant.moe_all_experts",
+    "moe_min_token_fraction": "quant.moe_min_token_fraction", "moe_fallback": "quant.moe_fallback",
+    "solve_workers": "resources.solve_workers",
     "num_samples": "calibration.num_samples", "max_len": "calibration.max_len",
     "batch_size": "calibration.batch_size", "seed": "calibration.seed",
     "cpus_per_stage": "resources.cpus_per_stage", "gpus_per_stage": "resources.gpus_per_stage",
@@ -31,7 +33,8 @@ def _stages(value: str) -> int | str:
 
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint with GPTQ on Ray (local Ray unless --address)",
-                       description="Quantize a Hugging Face causal LM (Llama/Qwen2/Qwen3/Mistral) with GPTQ. "
+                       description="Quantize a Hugging Face causal LM (Llama/Mistral/Qwen2/Qwen3 and the "
+                       "mixtures of experts Qwen3-MoE/Qwen2-MoE/Mixtral) with GPTQ. "
                        "Decoder layers are split into contiguous stages, one Ray actor each. Without --model, "
                        "quantizes the packaged SmolLM2-135M on the shipped Wikipedia calibration text "
                        "(configs/default.yaml holds the settings for it). "
@@ -64,6 +67,14 @@ def _add_quantize(sub) -> None:
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--method", choices=["gptq", "rtn"], help="gptq (default) or the round-to-nearest baseline")
     g.add_argument("--pad-intermediate-to", type=int, help="zero-pad the MLP width to a multiple (Qwen2-72B: 1024)")
+    m = p.add_argument_group("mixture of experts (qwen3_moe, qwen2_moe, mixtral)")
+    m.add_argument("--moe-all-experts", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate every expert on every token, outputs still routed (default on); --no-…: routed "
+                   "tokens only")
+    m.add_argument("--moe-min-token-fraction", type=float,
+                   help="an expert whose Hessian saw fewer of the layer's tokens falls back (default 0.005)")
+    m.add_argument("--moe-fallback", choices=["rtn", "damp"],
+                   help="that fallback: round-to-nearest (default) or GPTQ with damp_percent 0.1")
     c = p.add_argument_group("calibration")
     c.add_argument("--num-samples", type=int, help="sequences (default 128)")
     c.add_argument("--max-len", type=int, help="tokens per sequence at most (default 512)")
@@ -77,6 +88,8 @@ def _add_quantize(sub) -> None:
     r.add_argument("--gpus-per-stage", type=float)
     r.add_argument("--memory-per-stage-gb", type=float, help="planning budget per stage")
     r.add_argument("--max-restarts", type=int, help="times a dead stage actor is replaced (default 2)")
+    r.add_argument("--solve-workers", type=int, help="processes solving a layer's units (MoE experts): the stage "
+                   "and N-1 Ray tasks of its size (default 1)")
 
 
 def _add_eval(sub) -> None:
@@ -89,11 +102,14 @@ def _add_eval(sub) -> None:
 
 
 def _add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="print the stage split for a checkpoint without loading weights")
+    p = sub.add_parser("plan", help="print the stage split for a checkpoint without loading weights",
+                       description="The stage split and each stage's memory, from config.json and the safetensors "
+                       "headers only (a header-only checkpoint plans too).")
     p.add_argument("--config", type=Path, help="YAML job file")
-    p.add_argument("--model", help="checkpoint dir, or 'default'")
+    p.add_argument("--model", help="checkpoint dir, Hub id, s3:// / gs:// URL, or 'default'")
     p.add_argument("--stages", type=_stages)
     p.add_argument("--memory-per-stage-gb", type=float)
+    p.add_argument("--gpus-per-stage", type=float, help="1: plan for GPU stages (layers in the checkpoint dtype)")
 
 
 def add_quantization_commands(sub) -> None:
@@ -139,7 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from quantizer.model_io import CheckpointReader
 
     job = load_job(args.config, _overrides(args))
-    reader = CheckpointReader(resolve_model(job.model))
+    reader = CheckpointReader(resolve_model(job.model).open())
     tokens = job.calibration.batch_size * job.calibration.max_len
     intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
     print(describe(plan_stages(job_sizes(reader, job, intermediate, tokens), job.stages, default_budget(job))))

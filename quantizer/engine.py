@@ -220,9 +220,9 @@ class StageEngine:
             for unit in group:
                 module = layer.get_submodule(unit[0])
                 if moe is not None and self.qcfg.moe_all_experts and _expert_input_unit(unit):
-                    if shared is None:
+                    if shared is None:  # the block's own input: no expert needs to run for it
                         shared = HessianAccumulator(module.in_features, self.device)
-                        hooks.append(module.register_forward_pre_hook(accumulate(shared)))
+                        hooks.append(moe.register_forward_pre_hook(accumulate(shared)))
                     accs[unit] = shared
                     continue
                 acc = accs[unit] = HessianAccumulator(module.in_features, self.device)
@@ -235,8 +235,9 @@ class StageEngine:
         in_block = moe is not None and last.startswith("mlp.")
         hooks.append(moe.register_forward_hook(stop) if in_block
                      else layer.get_submodule(last).register_forward_pre_hook(stop))
-        if moe is not None:
-            moe.all_experts = self.qcfg.moe_all_experts
+        if moe is not None:  # experts run on every token only where their own inputs are captured (down_proj)
+            moe.all_experts = self.qcfg.moe_all_experts and any(
+                u[0].startswith("mlp.experts.") and len(u) == 1 for g in groups for u in g)
         self._tokens = 0  # real tokens in this pass: what an expert's Hessian share is measured against
         try:
             for h in handles:

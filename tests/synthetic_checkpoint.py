@@ -29,10 +29,23 @@ def llama_like_tensors(config: dict) -> dict[str, list[int]]:
             shapes.update({f"{p}.self_attn.q_proj.bias": [heads * head_dim],
                            f"{p}.self_attn.k_proj.bias": [kv * head_dim],
                            f"{p}.self_attn.v_proj.bias": [kv * head_dim]})
+        if config["model_type"] in ("qwen3", "qwen3_moe"):
+            shapes.update({f"{p}.self_attn.q_norm.weight": [head_dim], f"{p}.self_attn.k_norm.weight": [head_dim]})
+        experts = config.get("num_experts") or config.get("num_local_experts")
+        if experts:  # a sparse layer: no dense MLP, one gate/up/down per expert and the router
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                del shapes[f"{p}.mlp.{name}.weight"]
+            width = config["moe_intermediate_size"]
+            shapes[f"{p}.mlp.gate.weight"] = [experts, h]
+            for e in range(experts):
+                shapes.update({f"{p}.mlp.experts.{e}.gate_proj.weight": [width, h],
+                               f"{p}.mlp.experts.{e}.up_proj.weight": [width, h],
+                               f"{p}.mlp.experts.{e}.down_proj.weight": [h, width]})
     return shapes
 
 
 def write_header_only_checkpoint(path: Path, config: dict, layers_per_shard: int = 4) -> Path:
+    """config.json, the index and every shard's header (bf16), with no tensor data behind them."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     shapes = llama_like_tensors(config)
@@ -62,3 +75,10 @@ QWEN2_72B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidd
              "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
              "num_key_value_heads": 8, "vocab_size": 152064, "max_position_embeddings": 32768,
              "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+QWEN3_235B_A22B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096,
+                   "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 94,
+                   "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                   "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                   "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+                   "rope_theta": 1000000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}

@@ -66,3 +66,27 @@ def test_model_sizes_from_headers(tiny_llama):
     assert sizes.layer_bytes[0] == (128 * 128 * 2 + 64 * 128 * 2 + 3 * 128 * 256 + 2 * 128) * 2
     assert sizes.first_extra == reader.config.vocab_size * 128 * 2  # embeddings, fp16
     assert sizes.last_extra == reader.config.vocab_size * 128 * 2 + 128 * 2  # untied lm_head + final norm
+
+
+def test_qwen3_235b_a22b_plans_on_8_gpus(tmp_path, capsys):
+    """An MoE layer holds all its experts, the Hessians of the groups it captures together (one per expert
+    for down_proj; one shared gate/up Hessian when every expert sees every token, one per expert when
+    routed) and the routed-token buffers."""
+    from rayquant.cli import main
+    from tests.synthetic_checkpoint import QWEN3_235B_A22B, write_header_only_checkpoint
+
+    model = write_header_only_checkpoint(tmp_path / "qwen3-235b", QWEN3_235B_A22B)
+    reader = CheckpointReader(model)
+    layer = reader.layer_bytes(0)
+    assert layer == 2 * (128 * 3 * 1536 * 4096 + 128 * 4096 + 4096 * (8192 + 2 * 512) + 8192 * 4096 + 2 * 4096
+                         + 2 * 128)  # experts + router + q/k/v + o + norms + q/k norms, bf16
+    all_experts = model_sizes(reader, 4 * 2048, 4, 12288)
+    routed = model_sizes(reader, 4 * 2048, 4, 12288, all_experts=False)
+    assert all_experts.workspace >= 128 * 1536**2 * 4  # the 128 down_proj Hessians, captured in one pass
+    assert routed.workspace >= 127 * 4096**2 * 4 > all_experts.workspace  # one gate/up Hessian per expert
+    plans = plan_stages(all_experts, 8, budget_bytes=80 * GB)
+    assert sum(len(p.layers) for p in plans) == 94 and max(p.total_bytes for p in plans) < 80 * GB
+    assert main(["plan", "--model", str(model), "--stages", "8", "--memory-per-stage-gb", "80",
+                 "--gpus-per-stage", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("plan: 8 stage(s)") and "stage 7: layers 82-93" in printed

@@ -169,6 +169,59 @@ def test_vllm_serves_a_bf16_checkpoint_in_bf16(tmp_path, ray_local):
     assert len(tokens) >= 1
 
 
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory, ray_local):
+    """A Qwen3-MoE (8 experts, top-2) with shapes vLLM's kernels take, quantized int4 g64 sym."""
+    from tests.test_pipeline import run_job
+    from tests.tiny_models import write_tiny_moe
+
+    root = tmp_path_factory.mktemp("vllm-moe")
+    model = write_tiny_moe(root / "float", "qwen3_moe", hidden=256, intermediate=512, moe_intermediate_size=128)
+    run_job(model, root / "gptq", stages=1, **{"quant.desc_act": False, "quant.group_size": 64})
+    return root / "gptq"
+
+
+def test_vllm_config_parser_takes_our_moe_checkpoint(moe_checkpoint):
+    """What vLLM builds from the checkpoint before any kernel is chosen: a GPTQ MoE model of 8 experts."""
+    from vllm import EngineArgs
+
+    model_config = EngineArgs(model=str(moe_checkpoint), dtype="float16", enforce_eager=True).create_model_config()
+    assert model_config.quantization in ("gptq", "gptq_marlin", "auto_gptq")
+    assert model_config.hf_config.model_type == "qwen3_moe" and model_config.get_num_experts() == 8
+
+
+MOE_PROBLEM = probe_gptq_kernels(DEVICE).moe_problem
+
+
+@pytest.mark.skipif(MOE_PROBLEM is not None, reason=f"{MOE_PROBLEM}")
+def test_vllm_decodes_our_moe_checkpoint_like_our_engine(moe_checkpoint):
+    """Where vLLM has GPTQ expert kernels (a GPU, or an Intel CPU with AMX): greedy tokens as ours."""
+    ours = GenerationEngine(moe_checkpoint, kv_cache_dtype="fp16")
+    expected = [ours.generate(ours.prepare(p, [], SamplingParams(max_new_tokens=8, temperature=0))).token_ids
+                for p in PROMPTS[:4]]
+    engine = VLLMEngine(moe_checkpoint, "fp16", max_new_tokens_limit=16, max_context=256, max_batch_size=4,
+                        options=VLLMOptions(kv_cache_gb=0.25))
+    try:
+        got = _vllm_greedy(engine, PROMPTS[:4], 8)
+    finally:
+        engine.shutdown()
+    assert sum(a == b for a, b in zip(expected, got)) >= 3
+
+
+def test_engine_auto_serves_our_moe_checkpoint(moe_checkpoint):
+    """`engine: auto` on an MoE checkpoint: vLLM where its expert kernels run, ours (QuantLinear experts,
+    int8 KV cache) elsewhere; ModelInfo says which."""
+    expected = "vllm" if vllm_refusal(moe_checkpoint, on_gpu=DEVICE == "cuda") is None else "transformers"
+    config = serve_config(moe_checkpoint, engine="auto", max_context=256, vllm={"kv_cache_gb": 0.25})
+    with running_server(config) as client:
+        info = client.model_info()
+        reply = client.generate(PROMPTS[0], max_new_tokens=6, temperature=0)
+        streamed = list(client.stream(PROMPTS[0], max_new_tokens=6, temperature=0))
+    assert info.engine == expected and info.bits == 4
+    assert info.kv_cache_dtype == ("int8" if expected == "transformers" else "fp16")
+    assert reply.usage.completion_tokens >= 1 and reply.token_ids == [t for c in streamed for t in c.token_ids]
+
+
 def test_vllm_reads_our_8bit_checkpoint_config(default_checkpoint):
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
     from vllm.scalar_type import scalar_types

@@ -1,0 +1,105 @@
+"""Perplexity of the small trained mixture of experts (bench/train_moe.py: Qwen3-MoE, 16 experts, top-2)
+float vs int4: GPTQ calibrating every expert on every token (our default), GPTQ on routed tokens only,
+round-to-nearest, and GPTQModel 7.6.0 on the same settings (its MoE default: routed tokens, RTN below
+0.5 % of the tokens), all with the same 128 calibration samples of the shipped Wikipedia text (≤ 512
+tokens) and evaluated on the shipped gensim Wikipedia text (32 × 512 tokens). Also the per-layer wall of
+our job with 1 and 2 solve workers.
+
+Usage: python -m bench.moe_quality [--windows 32] [--train-minutes 8]   (needs the interop extra; ~25 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import run_cli, write_results
+from bench.train_moe import default_out, train
+
+log = logging.getLogger("bench.moe_quality")
+SETTINGS = ["--bits", "4", "--group-size", "64", "--sym", "--no-desc-act", "--num-samples", "128", "--max-len", "512"]
+RUNS = [  # (label, extra flags)
+    ("GPTQ all experts (every expert on every token)", ["--moe-all-experts"]),
+    ("GPTQ routed tokens only", ["--no-moe-all-experts"]),
+    ("RTN", ["--method", "rtn"]),
+]
+
+
+def perplexity(model: str, windows: int) -> float:
+    out, _ = run_cli("eval", "--model", model, "--max-windows", str(windows))
+    return json.loads(out.strip().splitlines()[-1])["perplexity"]
+
+
+def gptqmodel_quantize(float_dir: Path, out: Path) -> float:
+    """GPTQModel 7.6.0 on the same settings and the same calibration token sequences; returns its wall."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    from quantizer.calibration import CalibrationConfig, default_calibration_file, tokenize_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(float_dir)
+    samples = tokenize_samples(default_calibration_file(), tokenizer, CalibrationConfig(num_samples=128, max_len=512))
+    calibration = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
+    start = time.perf_counter()
+    model = GPTQModel.load(str(float_dir), QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=False,
+                                                          act_group_aware=True), device="cpu")
+    model.quantize(calibration, batch_size=8, tokenizer=tokenizer)
+    model.save(str(out))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--train-minutes", type=float, default=8.0)
+    args = parser.parse_args()
+    float_dir = default_out()
+    training = train(float_dir, args.train_minutes) if not float_dir.exists() else \
+        json.loads((float_dir / "training.json").read_text())
+    rows = [{"setting": "float (fp16 weights)", "perplexity": perplexity(str(float_dir), args.windows)}]
+    meta = {"model": f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
+                     f"({training['seconds']:.0f} s; bench/train_moe.py)",
+            "quantization": "int4 g64 sym, group-aware order (no act-order)",
+            "calibration": "128 shipped Wikipedia samples ≤ 512 tokens", "eval": f"{args.windows}×512 tokens",
+            "machine": "2 CPU cores"}
+    columns = ["setting", "perplexity", "quantize_s", "layers_s", "fallback_experts", "min_expert_tokens"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, flags in RUNS:
+            out = str(Path(tmp) / label.split(" (")[0].replace(" ", "_"))
+            _, wall = run_cli("quantize", "--model", str(float_dir), "--out", out, "--stages", "1", *SETTINGS, *flags)
+            report = json.loads((Path(out) / "quantize_report.json").read_text())
+            layers = [r for s in report["stages"] for r in s["layer_reports"]]
+            rows.append({"setting": f"rayquant {label}", "perplexity": perplexity(out, args.windows),
+                         "quantize_s": wall, "layers_s": sum(r["seconds"] for r in layers),
+                         "fallback_experts": sum(len(r["expert_fallbacks"]) for r in layers),
+                         "min_expert_tokens": min(min(r["expert_tokens"]) for r in layers)})
+            write_results("moe_quality", rows, columns, meta)
+        out = Path(tmp) / "gptqmodel"
+        wall = gptqmodel_quantize(float_dir, out)
+        rows.append({"setting": "GPTQModel 7.6.0 (routed tokens, RTN below 0.5 %)",
+                     "perplexity": perplexity(str(out), args.windows), "quantize_s": wall})
+        write_results("moe_quality", rows, columns, meta)
+        workers = []
+        for n in (1, 2):  # the same job with the expert solves on 1 and 2 processes (1 thread each)
+            out = str(Path(tmp) / f"workers{n}")
+            _, wall = run_cli("quantize", "--model", str(float_dir), "--out", out, "--stages", "1",
+                              "--cpus-per-stage", "1", "--solve-workers", str(n), *SETTINGS)
+            report = json.loads((Path(out) / "quantize_report.json").read_text())
+            layers = [r for s in report["stages"] for r in s["layer_reports"]]
+            workers.append({"solve_workers": n, "per_layer_s": sum(r["seconds"] for r in layers) / len(layers),
+                            "quantize_s": wall})
+        for row in workers:
+            row["speedup"] = workers[0]["per_layer_s"] / row["per_layer_s"]
+        write_results("moe_solve_workers", workers, ["solve_workers", "per_layer_s", "speedup", "quantize_s"],
+                      {**meta, "threads": "1 per worker (the stage + Ray tasks)"})
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
