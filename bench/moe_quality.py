@@ -1,11 +1,12 @@
 """Perplexity of the small trained mixture of experts (bench/train_moe.py: Qwen3-MoE, 16 experts, top-2)
-float vs int4: GPTQ calibrating every expert on every token (our default), GPTQ on routed tokens only,
-round-to-nearest, and GPTQModel 7.6.0 on the same settings (its MoE default: routed tokens, RTN below
-0.5 % of the tokens), all with the same 128 calibration samples of the shipped Wikipedia text (≤ 512
-tokens) and evaluated on the shipped gensim Wikipedia text (32 × 512 tokens). Also the per-layer wall of
-our job with 1 and 2 solve workers.
+float vs int4 and int3 (g64 sym, group-aware order): GPTQ calibrating every expert on every token (our
+default), GPTQ on routed tokens only, round-to-nearest, and GPTQModel 7.6.0 on the same settings (its MoE
+default: routed tokens, RTN below 0.5 % of the tokens), all with the same 128 calibration samples of the
+shipped Wikipedia text (≤ 512 tokens) and evaluated on the shipped gensim Wikipedia text (32 × 512
+tokens). Also the per-layer wall with 1 and 2 solve workers, on that model and on a wider random MoE
+(hidden 2048, 16 experts of width 2048) where the expert solves weigh as much as the calibration passes.
 
-Usage: python -m bench.moe_quality [--windows 32] [--train-minutes 8]   (needs the interop extra; ~25 min)
+Usage: python -m bench.moe_quality [--windows 32] [--train-minutes 8]   (needs the interop extra; ~40 min)
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ from pathlib import Path
 
 from bench.common import run_cli, write_results
 from bench.train_moe import default_out, train
+from tests.tiny_models import write_tiny_moe
 
 log = logging.getLogger("bench.moe_quality")
-SETTINGS = ["--bits", "4", "--group-size", "64", "--sym", "--no-desc-act", "--num-samples", "128", "--max-len", "512"]
+CALIBRATION = ["--num-samples", "128", "--max-len", "512"]
+BITS = (4, 3)
+
+
+def settings(bits: int) -> list[str]:
+    return ["--bits", str(bits), "--group-size", "64", "--sym", "--no-desc-act", *CALIBRATION]
 RUNS = [  # (label, extra flags)
     ("GPTQ all experts (every expert on every token)", ["--moe-all-experts"]),
     ("GPTQ routed tokens only", ["--no-moe-all-experts"]),
@@ -35,7 +42,7 @@ def perplexity(model: str, windows: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["perplexity"]
 
 
-def gptqmodel_quantize(float_dir: Path, out: Path) -> float:
+def gptqmodel_quantize(float_dir: Path, out: Path, bits: int) -> float:
     """GPTQModel 7.6.0 on the same settings and the same calibration token sequences; returns its wall."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -47,7 +54,7 @@ def gptqmodel_quantize(float_dir: Path, out: Path) -> float:
     samples = tokenize_samples(default_calibration_file(), tokenizer, CalibrationConfig(num_samples=128, max_len=512))
     calibration = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
     start = time.perf_counter()
-    model = GPTQModel.load(str(float_dir), QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=False,
+    model = GPTQModel.load(str(float_dir), QuantizeConfig(bits=bits, group_size=64, sym=True, desc_act=False,
                                                           act_group_aware=True), device="cpu")
     model.quantize(calibration, batch_size=8, tokenizer=tokenizer)
     model.save(str(out))
@@ -65,39 +72,48 @@ def main() -> None:
     rows = [{"setting": "float (fp16 weights)", "perplexity": perplexity(str(float_dir), args.windows)}]
     meta = {"model": f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
                      f"({training['seconds']:.0f} s; bench/train_moe.py)",
-            "quantization": "int4 g64 sym, group-aware order (no act-order)",
+            "quantization": "g64 sym, group-aware order (no act-order)",
             "calibration": "128 shipped Wikipedia samples ≤ 512 tokens", "eval": f"{args.windows}×512 tokens",
             "machine": "2 CPU cores"}
     columns = ["setting", "perplexity", "quantize_s", "layers_s", "fallback_experts", "min_expert_tokens"]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, flags in RUNS:
-            out = str(Path(tmp) / label.split(" (")[0].replace(" ", "_"))
-            _, wall = run_cli("quantize", "--model", str(float_dir), "--out", out, "--stages", "1", *SETTINGS, *flags)
-            report = json.loads((Path(out) / "quantize_report.json").read_text())
-            layers = [r for s in report["stages"] for r in s["layer_reports"]]
-            rows.append({"setting": f"rayquant {label}", "perplexity": perplexity(out, args.windows),
-                         "quantize_s": wall, "layers_s": sum(r["seconds"] for r in layers),
-                         "fallback_experts": sum(len(r["expert_fallbacks"]) for r in layers),
-                         "min_expert_tokens": min(min(r["expert_tokens"]) for r in layers)})
+        for bits in BITS:
+            for label, flags in RUNS:
+                out = str(Path(tmp) / f"int{bits}-{label.split(' (')[0].replace(' ', '_')}")
+                _, wall = run_cli("quantize", "--model", str(float_dir), "--out", out, "--stages", "1",
+                                  *settings(bits), *flags)
+                report = json.loads((Path(out) / "quantize_report.json").read_text())
+                layers = [r for s in report["stages"] for r in s["layer_reports"]]
+                rows.append({"setting": f"int{bits} rayquant {label}", "perplexity": perplexity(out, args.windows),
+                             "quantize_s": wall, "layers_s": sum(r["seconds"] for r in layers),
+                             "fallback_experts": sum(len(r["expert_fallbacks"]) for r in layers),
+                             "min_expert_tokens": min(min(r["expert_tokens"]) for r in layers)})
+                write_results("moe_quality", rows, columns, meta)
+            out = Path(tmp) / f"int{bits}-gptqmodel"
+            wall = gptqmodel_quantize(float_dir, out, bits)
+            rows.append({"setting": f"int{bits} GPTQModel 7.6.0 (routed tokens, RTN below 0.5 %)",
+                         "perplexity": perplexity(str(out), args.windows), "quantize_s": wall})
             write_results("moe_quality", rows, columns, meta)
-        out = Path(tmp) / "gptqmodel"
-        wall = gptqmodel_quantize(float_dir, out)
-        rows.append({"setting": "GPTQModel 7.6.0 (routed tokens, RTN below 0.5 %)",
-                     "perplexity": perplexity(str(out), args.windows), "quantize_s": wall})
-        write_results("moe_quality", rows, columns, meta)
+        wide = write_tiny_moe(Path(tmp) / "wide", "qwen3_moe", layers=2, hidden=2048, intermediate=2048,
+                              num_experts=16, moe_intermediate_size=2048)
         workers = []
-        for n in (1, 2):  # the same job with the expert solves on 1 and 2 processes (1 thread each)
-            out = str(Path(tmp) / f"workers{n}")
-            _, wall = run_cli("quantize", "--model", str(float_dir), "--out", out, "--stages", "1",
-                              "--cpus-per-stage", "1", "--solve-workers", str(n), *SETTINGS)
-            report = json.loads((Path(out) / "quantize_report.json").read_text())
-            layers = [r for s in report["stages"] for r in s["layer_reports"]]
-            workers.append({"solve_workers": n, "per_layer_s": sum(r["seconds"] for r in layers) / len(layers),
-                            "quantize_s": wall})
-        for row in workers:
-            row["speedup"] = workers[0]["per_layer_s"] / row["per_layer_s"]
-        write_results("moe_solve_workers", workers, ["solve_workers", "per_layer_s", "speedup", "quantize_s"],
-                      {**meta, "threads": "1 per worker (the stage + Ray tasks)"})
+        for model, label, calibration in ((float_dir, "trained (hidden 256, 16 × 256 experts)", CALIBRATION),
+                                          (wide, "random (hidden 2048, 16 × 2048 experts)",
+                                           ["--num-samples", "8", "--max-len", "256"])):
+            for n in (1, 2):  # the expert solves on 1 and 2 processes, 1 thread each
+                out = str(Path(tmp) / f"workers{n}-{model.name}")
+                _, wall = run_cli("quantize", "--model", str(model), "--out", out, "--stages", "1",
+                                  "--cpus-per-stage", "1", "--solve-workers", str(n), "--bits", "4", "--group-size",
+                                  "64", "--sym", "--no-desc-act", *calibration)
+                report = json.loads((Path(out) / "quantize_report.json").read_text())
+                layers = [r for s in report["stages"] for r in s["layer_reports"]]
+                workers.append({"model": label, "solve_workers": n, "quantize_s": wall,
+                                "per_layer_s": sum(r["seconds"] for r in layers) / len(layers)})
+            workers[-1]["speedup"] = workers[-2]["per_layer_s"] / workers[-1]["per_layer_s"]
+            workers[-2]["speedup"] = 1.0
+        write_results("moe_solve_workers", workers, ["model", "solve_workers", "per_layer_s", "speedup", "quantize_s"],
+                      {"machine": "2 CPU cores", "threads": "1 per worker (the stage + Ray tasks)",
+                       "settings": "int4 g64 sym, every expert on every token"})
 
 
 if __name__ == "__main__":
