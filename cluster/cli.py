@@ -19,7 +19,7 @@ _QUANTIZE_FLAGS = {
     "true_sequential": "quant.true_sequential", "method": "quant.method",
     "pad_intermediate_to": "quant.pad_intermediate_to", "moe_all_experts": "quant.moe_all_experts",
     "moe_min_token_fraction": "quant.moe_min_token_fraction", "moe_fallback": "quant.moe_fallback",
-    "solve_workers": "resources.solve_workers",
+    "solve_workers": "resources.solve_workers", "workers": "resources.workers",
     "num_samples": "calibration.num_samples", "max_len": "calibration.max_len",
     "batch_size": "calibration.batch_size", "seed": "calibration.seed",
     "cpus_per_stage": "resources.cpus_per_stage", "gpus_per_stage": "resources.gpus_per_stage",
@@ -82,7 +82,11 @@ def _add_quantize(sub) -> None:
     c.add_argument("--seed", type=int)
     r = p.add_argument_group("cluster")
     r.add_argument("--stages", type=_stages, help="stage actors, or 'auto' (default): fewest that fit")
-    r.add_argument("--schedule", choices=["sequential", "pipelined"], help="default sequential (exact)")
+    r.add_argument("--schedule", choices=["auto", "sequential", "pipelined", "data_parallel"],
+                   help="sequential (exact, one stage at a time), pipelined (every stage at once on float inputs), "
+                   "data_parallel (exact, every worker on every layer with 1/W of the data); auto (default): "
+                   "data_parallel when --workers > 1, else sequential")
+    r.add_argument("--workers", type=int, help="data-parallel workers W (one per GPU, or per --cpus-per-stage CPUs)")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     r.add_argument("--cpus-per-stage", type=int)
     r.add_argument("--gpus-per-stage", type=float)

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 from transformers import AutoTokenizer
 
+from cluster.data_parallel import DataParallelRun, split_sequences
 from cluster.job import JobConfig
 from cluster.job_lock import LOCK_FILE, JobLock
 from cluster.output import OutputTarget
@@ -114,7 +115,7 @@ def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, token
     pipelined stages keep their float layers."""
     return model_sizes(reader, tokens_per_batch, job.resources.max_inflight_chunks, intermediate,
                        compute_bytes=None if job.resources.gpus_per_stage else 4,
-                       pipelined=job.schedule == "pipelined", all_experts=job.quant.moe_all_experts)
+                       pipelined=job.resolved_schedule == "pipelined", all_experts=job.quant.moe_all_experts)
 
 
 def few_tokens_warning(tokens: int, reader: CheckpointReader, intermediate: int) -> str | None:
@@ -136,7 +137,8 @@ def check_cluster_resources(workers: int, cpus: int, gpus: float) -> None:
     if workers * cpus > total.get("CPU", 0):
         missing.append(f"{workers * cpus} CPUs ({workers} workers × {cpus}), the cluster has {total.get('CPU', 0):g}")
     if gpus and workers * gpus > total.get("GPU", 0):
-        missing.append(f"{workers * gpus:g} GPUs ({workers} workers × {gpus:g}), the cluster has {total.get('GPU', 0):g}")
+        missing.append(f"{workers * gpus:g} GPUs ({workers} workers × {gpus:g}), "
+                       f"the cluster has {total.get('GPU', 0):g}")
     if missing:
         raise ConfigError(f"this job needs {'; '.join(missing)}: add nodes, or lower --stages, "
                           "resources.solve_workers or resources.cpus_per_stage")
@@ -169,16 +171,22 @@ class Driver:
         if warning:
             log.warning("%s", warning)
         tokens_per_batch = max(b.input_ids.numel() for b in self.batches)
+        self.data_parallel = job.resolved_schedule == "data_parallel"
+        self.shares = split_sequences(samples, job.resources.workers, job.calibration.batch_size, pad) \
+            if self.data_parallel else []
+        # a data-parallel worker holds what a one-stage job holds: one layer at a time, every layer in turn
         self.plans: list[StagePlan] = plan_stages(job_sizes(self.reader, job, self.intermediate, tokens_per_batch),
-                                                  job.stages, default_budget(job))
+                                                  1 if self.data_parallel else job.stages, default_budget(job))
         self.actors: list = []
+        self.dp: DataParallelRun | None = None
         log.info("%s", describe(self.plans))
 
     def resume_hash(self) -> str:
         """What a resumed run must share with the run that made the finished layers: the settings, the model's
         files (sizes and header hashes, or the Hub commit), the calibration content, and for the pipelined
         schedule the stage split (each stage calibrates on float inputs from its first layer)."""
-        split = [[p.layers.start, p.layers.stop] for p in self.plans] if self.job.schedule == "pipelined" else None
+        pipelined = self.job.resolved_schedule == "pipelined"
+        split = [[p.layers.start, p.layers.stop] for p in self.plans] if pipelined else None
         relevant = {"settings": self.job.settings_hash(), "model": self.reader.source.identity(),
                     "calibration_sha256": self.calibration_sha256, "split": split}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -192,24 +200,26 @@ class Driver:
             layers_folder(target.work).remove_tree()  # a run that stopped right after publishing
             return json.loads(target.final.read_text("quantize_report.json"))
         replacing = target.check(job.overwrite)
-        cpus = job.resources.cpus_per_stage or max(1, (os.cpu_count() or 1) // len(self.plans))
+        workers = job.resources.workers if self.data_parallel else len(self.plans)
+        cpus = job.resources.cpus_per_stage or max(1, (os.cpu_count() or 1) // workers)
         progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
-        overall = JobProgress(progress, parallel_stages=job.schedule == "pipelined").start("starting Ray")
+        overall = JobProgress(progress, parallel_stages=job.resolved_schedule == "pipelined").start("starting Ray")
         lock = JobLock(target.work)
         published = False
         try:
             extra = job.resources.solve_workers - 1
-            owns_ray = connect_ray(job.ray_address, cpus * (len(self.plans) + extra))
+            owns_ray = connect_ray(job.ray_address, cpus * (workers + extra))
             try:
-                check_cluster_resources(len(self.plans) + extra, cpus, job.resources.gpus_per_stage)
+                check_cluster_resources(workers + extra, cpus, job.resources.gpus_per_stage)
                 lock.acquire()
                 target.prepare(replacing)
                 done, stamp = open_work_dir(target.work, settings, self.restart, {"replacing": replacing})
                 if done:
                     log.info("resuming: %d of %d layers already quantized in %s", len(done), self.reader.num_layers,
                              target.work)
-                overall.activity = f"starting {len(self.plans)} stage actor(s)"
-                shards, stats = self._quantize_all(cpus, progress, overall)
+                overall.activity = f"starting {workers} {'worker' if self.data_parallel else 'stage actor'}(s)"
+                run = self._data_parallel if self.data_parallel else self._quantize_all
+                shards, stats = run(cpus, progress, overall, done)
             finally:
                 overall.stop()
                 if owns_ray:
@@ -227,7 +237,27 @@ class Driver:
         log.info("wrote %s in %.1f s", target.final, report["wall_seconds"])
         return report
 
-    def _quantize_all(self, cpus: int, progress: list[StageProgress], overall: JobProgress) -> tuple[list, list]:
+    def _data_parallel(self, cpus: int, progress: list[StageProgress], overall: JobProgress, done: list[int]
+                       ) -> tuple[list, list]:
+        """Every worker on every layer, each with its share of the calibration; then each writes a shard."""
+        job = self.job
+        self.dp = DataParallelRun(self.reader, self.model, job.quant, layers_folder(self.target.work).url,
+                                  self.shares, cpus, job.resources.gpus_per_stage, job.resources.max_restarts)
+        self.recoveries = self.dp.recoveries
+        try:
+            self.dp.run(list(done), progress[0], overall)
+            overall.activity = "writing shards"
+            staging = self.target.staging
+            for old in staging.list("model-"):  # shards of an earlier attempt
+                staging.remove(old)
+            return self.dp.write_shards(staging.url)
+        except ray.exceptions.RayError as exc:
+            raise _unwrap(exc) from exc
+        finally:
+            self.dp.shutdown()
+
+    def _quantize_all(self, cpus: int, progress: list[StageProgress], overall: JobProgress, done: list[int]
+                      ) -> tuple[list, list]:
         """Start the stage actors, run the schedule, and have each stage write its shard."""
         job, staging = self.job, self.target.staging
         self.actors = [
@@ -244,7 +274,7 @@ class Driver:
             ray.get([a.pid.remote() for a in self.actors])  # all stages up: start-up errors surface here
             overall.activity = "stages up"
             self.inputs: list[list | None] = [[ray.put(b) for b in self.batches]] + [None] * (len(self.actors) - 1)
-            if job.schedule == "sequential":
+            if job.resolved_schedule == "sequential":
                 for k in range(len(self.actors)):
                     self._quantize_stage(k, progress, emit=k < len(self.actors) - 1)
             else:
@@ -304,7 +334,7 @@ class Driver:
     def _rebuild_inputs(self, k: int, progress: list[StageProgress]) -> None:
         """Recompute stage k's input activations, lost with a node: sequential, stage k-1 replays its
         finished layers from disk; pipelined, the float layers of stages 0..k-1 run again."""
-        if self.job.schedule == "sequential":
+        if self.job.resolved_schedule == "sequential":
             self._quantize_stage(k - 1, progress, emit=True)
         else:
             self.inputs[k] = self._float_chain(k)
@@ -352,6 +382,10 @@ class Driver:
     def _report(self, started: float, progress: list[StageProgress], shards: list, stats: list,
                 settings_hash: str) -> dict[str, Any]:
         stages = []
+        if self.dp is not None:  # one "stage" covering every layer, run by all workers
+            stats = [{"peak_rss_mb": max(s["peak_rss_mb"] for s in stats), "bytes_emitted": 0,
+                      "workers": stats}]
+            shards = [shards]
         for plan, prog, shard, stat in zip(self.plans, progress, shards, stats):
             reps = sorted(prog.reports, key=lambda r: r.layer)
             stages.append({
@@ -364,10 +398,22 @@ class Driver:
         return {
             "model": str(self.model), "model_identity": self.reader.source.identity(),
             "calibration_sha256": self.calibration_sha256, "settings_hash": settings_hash,
-            "output_dir": self.target.final.url, "schedule": self.job.schedule,
+            "output_dir": self.target.final.url, "schedule": self.job.resolved_schedule,
             "quant": dataclasses.asdict(self.job.quant), "calibration": dataclasses.asdict(self.job.calibration),
             "calibration_tokens": self.calibration_tokens,
             "wall_seconds": time.time() - started, "driver_peak_rss_mb": peak_rss_mb(),
             "transfer_bytes": sum(s["bytes_emitted"] for s in stats), "stages": stages,
             "recoveries": [dataclasses.asdict(r) for r in self.recoveries],
+            **({"data_parallel": self._dp_report()} if self.dp is not None else {}),
         }
+
+    def _dp_report(self) -> dict[str, Any]:
+        phases = self.dp.phases
+        return {"workers": self.dp.world, "transport": "Ray object store (Hessian partials to owners, results to "
+                "every worker; activations never leave their worker)",
+                "sequences_per_worker": [sum(len(b.input_ids) for b in share) for share in self.shares],
+                "per_layer": phases,
+                "totals_s": {k: round(sum(p[k] for p in phases), 3) for k in
+                             ("forward_s", "hessian_s", "reduce_s", "solve_s", "broadcast_s")},
+                "bytes_per_layer": {"hessians": sum(p["hessian_bytes"] for p in phases) / max(1, len(phases)),
+                                    "results": sum(p["result_bytes"] for p in phases) / max(1, len(phases))}}

@@ -14,7 +14,7 @@ from quantizer.config import QuantConfig
 from quantizer.errors import ConfigError
 from quantizer.settings import build_settings, read_yaml_mapping
 
-SCHEDULES = ("sequential", "pipelined")
+SCHEDULES = ("auto", "sequential", "pipelined", "data_parallel")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class ResourceConfig:
     memory_per_stage_gb: float = 0  # planning budget per stage; 0 = the GPU's memory, or host RAM / stages
     max_restarts: int = 2  # times Ray replaces a dead stage actor; the stage then resumes from its layers
     max_inflight_chunks: int = 4  # activation batches in flight between two stages (backpressure)
+    workers: int = 1  # data-parallel workers (one per GPU, or per cpus_per_stage CPUs), each with 1/W of the data
     solve_workers: int = 1  # processes solving a layer's units (MoE experts): the stage + N-1 Ray tasks, each
     #                         with the stage's CPUs / GPUs
 
@@ -34,6 +35,8 @@ class ResourceConfig:
             raise ConfigError("resources.gpus_per_stage, memory_per_stage_gb and max_restarts must be ≥ 0")
         if self.max_inflight_chunks < 1:
             raise ConfigError("resources.max_inflight_chunks must be at least 1")
+        if self.workers < 1:
+            raise ConfigError("resources.workers must be at least 1")
         if self.solve_workers < 1:
             raise ConfigError("resources.solve_workers must be at least 1 (1 = the stage solves alone)")
 
@@ -45,7 +48,9 @@ class JobConfig:
     output_dir: str = "out/smollm2-135m-gptq"  # local dir, or s3:// / gs:// prefix
     overwrite: bool = False  # replace an existing output dir
     stages: int | str = "auto"  # number of stage actors, or "auto" (fewest that fit the memory budget)
-    schedule: str = "sequential"  # "sequential" (exact GPTQ) or "pipelined" (all stages at once, float inputs)
+    schedule: str = "auto"  # sequential (exact, one stage at a time), pipelined (all stages at once, float
+    #                         inputs) or data_parallel (exact, every worker busy); auto = data_parallel when
+    #                         resources.workers > 1, else sequential
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray started by this program
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -54,6 +59,15 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
+        if self.resources.workers > 1 and self.schedule in ("sequential", "pipelined"):
+            raise ConfigError(f"resources.workers={self.resources.workers} is for the data_parallel schedule; the "
+                              f"{self.schedule} schedule splits layers into stages (--stages)")
+
+    @property
+    def resolved_schedule(self) -> str:
+        if self.schedule == "auto":
+            return "data_parallel" if self.resources.workers > 1 else "sequential"
+        return self.schedule
         if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
             raise ConfigError(f"stages must be a positive integer or 'auto', got {self.stages!r}")
 
@@ -63,7 +77,8 @@ class JobConfig:
         relevant = {
             "quant": dataclasses.asdict(self.quant),
             "calibration": dataclasses.asdict(self.calibration),
-            "schedule": self.schedule,
+            "schedule": self.resolved_schedule,
+            "workers": self.resources.workers if self.resolved_schedule == "data_parallel" else None,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -10,9 +10,9 @@ from typing import Any, Iterator
 import ray
 import torch
 
+from cluster.shards import write_layers_shard
 from cluster.solve_workers import RaySolver
 from quantizer.activations import ActivationChunk, TokenBatch
-from quantizer.checkpoint import check_finite, write_shard
 from quantizer.config import QuantConfig
 from quantizer.engine import LayerReport, StageEngine, StagePhase, output_dtype, peak_rss_mb
 from quantizer.layer_store import FolderLayerStore
@@ -40,6 +40,19 @@ class RayObjectStore:
         return chunk
 
 
+def stage_engine(model: ModelRef, layers: range, qcfg: QuantConfig, layers_url: str, threads: int, store,
+                 solver) -> tuple[CheckpointReader, FolderLayerStore, StageEngine]:
+    """The engine a worker runs: `threads` torch threads (the same everywhere: results must not depend on
+    the split), its device (a GPU when Ray gave it one), fp32 compute on CPU, the checkpoint dtype on GPU."""
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    reader = CheckpointReader(model.open())
+    stored = reader.tensors[reader.arch.embed + ".weight"].dtype_torch
+    dtype = torch.float32 if device == "cpu" else output_dtype(stored)
+    layer_store = FolderLayerStore(Location(layers_url))
+    return reader, layer_store, StageEngine(reader, layers, qcfg, store, layer_store, device, dtype, solver)
+
+
 @ray.remote
 class StageWorker:
     def __init__(self, index: int, model: ModelRef, layers: range, qcfg: QuantConfig, layers_url: str,
@@ -47,16 +60,12 @@ class StageWorker:
         """model: as the driver resolved it (local dir, Hub commit, or URL; shards are fetched on first use);
         layers_url: the folder of per-layer checkpoints (local or object storage); solve_workers: processes
         that solve a layer's units, this one included (the others are Ray tasks of the same size)."""
-        torch.set_num_threads(threads)  # the same in every stage: results must not depend on the split
         self.index, self.first, self.last = index, first, last
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.reader = CheckpointReader(model.open())
-        dtype = torch.float32 if self.device == "cpu" else output_dtype(
-            self.reader.tensors[self.reader.arch.embed + ".weight"].dtype_torch)
         self.store = RayObjectStore()
-        self.layer_store = FolderLayerStore(Location(layers_url))
         solver = RaySolver(solve_workers, threads, gpus) if solve_workers > 1 else LocalSolver()
-        self.engine = StageEngine(self.reader, layers, qcfg, self.store, self.layer_store, self.device, dtype, solver)
+        self.reader, self.layer_store, self.engine = stage_engine(model, layers, qcfg, layers_url, threads, self.store,
+                                                                  solver)
+        self.device = str(self.engine.device)
         self.bytes_emitted = 0
         self._float_layers: dict[int, torch.nn.Module] = {}
 
@@ -94,23 +103,8 @@ class StageWorker:
     def write_shard(self, folder: str, name: str) -> dict[str, Any]:
         """Write this stage's layers (+ embeddings / norm / head on the ends) as one shard into `folder`
         (a local dir, or an object-store prefix it uploads to)."""
-        arch, out_dtype = self.reader.arch, self.engine.out_dtype
-        tensors: dict[str, torch.Tensor] = {}
-        for index in self.engine.layers:
-            saved = self.layer_store.load(index)
-            if saved is None:
-                raise RuntimeError(f"layer {index} has no checkpoint; the stage did not finish")
-            prefix = arch.layer_prefix(index)
-            tensors.update({f"{prefix}.{arch.to_disk(k)}": v for k, v in saved[0].items()})
-        names = []
-        if self.first:
-            names.append(arch.embed + ".weight")
-        if self.last:
-            names += [n for n in self.reader.tensors if n.startswith((arch.final_norm + ".", arch.lm_head + "."))]
-        tensors.update({n: t.to(out_dtype) for n, t in self.reader.load(names).items()})
-        check_finite(tensors)
-        write_shard(Location(folder), name, tensors)
-        return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        return write_layers_shard(self.reader, self.layer_store, self.engine.layers, self.first, self.last,
+                                  self.engine.out_dtype, folder, name)
 
     def stats(self) -> dict[str, Any]:
         """bytes_read: object-store reads (each layer pass re-reads its inputs); bytes_emitted: activations

@@ -103,6 +103,8 @@ class StageEngine:
         self.attention = AttentionInputs(self.arch, self.config, self.device)
         self._mask: torch.Tensor | None = None
         self._embed: nn.Embedding | None = None
+        self._tokens = 0  # real tokens of the last capture pass
+        self.hessian_seconds = 0.0  # time spent adding to Hessians, all passes so far
 
     # ---- inputs -----------------------------------------------------------------------------------
     def embed(self, batch: TokenBatch) -> ActivationChunk:
@@ -165,39 +167,15 @@ class StageEngine:
     def _quantize_layer(self, index: int, handles: list[Any], report: LayerReport
                         ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
         yield StagePhase(index, "loading float weights")
-        layer = self.float_layer(index)
-        groups = self.arch.layer_units(self.config, index)
-        passes = [[g] for g in groups] if self.qcfg.true_sequential else [list(groups)]
-        moe = _sparse_block(layer)
-        tensors: dict[str, torch.Tensor] = {}
-        for pass_groups in passes:
+        work = LayerWork(self, index, report)
+        for pass_groups in work.passes:
             yield StagePhase(index, f"calibration forward ({len(handles)} batches) for {_names(pass_groups)}")
-            counting = moe is not None and not report.expert_tokens and any(
-                u[0].startswith("mlp.") for g in pass_groups for u in g)
-            if counting:
-                moe.routed_tokens = None
-            accs = self._capture(layer, pass_groups, handles)
-            if counting:
-                report.expert_tokens = [int(t) for t in (moe.routed_tokens if moe.routed_tokens is not None
-                                                         else torch.zeros(moe.num_experts))]
+            accs = work.capture(pass_groups, handles)
             for group in pass_groups:
                 yield StagePhase(index, f"solving {_names([group])}")
-                for name, result in self._solve_group(layer, group, accs, report):
-                    _check_finite(name, index, result)
-                    module = layer.get_submodule(name)
-                    module.weight.data = result.dequantize().to(self.dtype)
-                    tensors.update(pack_result(result, self.qcfg.bits).tensors(name))
-                    if module.bias is not None:
-                        tensors[f"{name}.bias"] = module.bias.detach().half()
-                    report.losses[name] = result.loss
-                    if result.cholesky_fallback:
-                        report.cholesky_fallbacks[name] = result.cholesky_fallback
-        linears = set(self.arch.linear_names(self.config, index))
-        for name, param in layer.named_parameters():
-            if name.rpartition(".")[0] not in linears:
-                tensors[name] = param.detach().to(self.out_dtype)
-        log.debug("layer %d quantized: loss %.4g", index, sum(report.losses.values()))
-        return {k: v.contiguous().cpu() for k, v in tensors.items()}
+                for name, result in self._solve_group(work.layer, group, accs, report):
+                    work.apply(name, result)
+        return work.finish()
 
     def _capture(self, layer: nn.Module, groups: list[tuple[Unit, ...]], handles: list[Any]
                  ) -> dict[Unit, HessianAccumulator]:
@@ -212,8 +190,10 @@ class StageEngine:
 
         def accumulate(acc: HessianAccumulator):
             def hook(_module, args):
+                start = time.perf_counter()
                 x = args[0]  # [B, T, in] before the sparse block; [tokens, in] inside it (padding removed)
                 acc.add(x, self._mask if x.dim() == 3 else None)
+                self.hessian_seconds += time.perf_counter() - start
             return hook
 
         for group in groups:
@@ -303,6 +283,53 @@ class StageEngine:
                     unit[0], acc.count, needed, self.qcfg.moe_min_token_fraction,
                     "round-to-nearest" if how == "rtn" else f"GPTQ with damp_percent {FALLBACK_DAMP_PERCENT}")
         return "rtn" if acc.count == 0 else how
+
+
+class LayerWork:
+    """One layer being quantized: its float modules (replaced by their quantized values as results arrive),
+    its capture passes, and the packed tensors and report so far. A stage drives it alone; data-parallel
+    workers each hold one and exchange only Hessians and results."""
+
+    def __init__(self, engine: StageEngine, index: int, report: LayerReport) -> None:
+        self.engine, self.index, self.report = engine, index, report
+        self.layer = engine.float_layer(index)
+        groups = engine.arch.layer_units(engine.config, index)
+        self.passes = [[g] for g in groups] if engine.qcfg.true_sequential else [list(groups)]
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def capture(self, pass_groups: list[tuple[Unit, ...]], handles: list[Any]) -> dict[Unit, HessianAccumulator]:
+        """The pass's Hessians over `handles`; the first pass through a sparse block counts routed tokens."""
+        moe = _sparse_block(self.layer)
+        counting = moe is not None and not self.report.expert_tokens and any(
+            u[0].startswith("mlp.") for g in pass_groups for u in g)
+        if counting:
+            moe.routed_tokens = None
+        accs = self.engine._capture(self.layer, pass_groups, handles)
+        if counting:
+            self.report.expert_tokens = [int(t) for t in (moe.routed_tokens if moe.routed_tokens is not None
+                                                          else torch.zeros(moe.num_experts))]
+        return accs
+
+    def apply(self, name: str, result: QuantResult) -> None:
+        """Use the quantized weights from here on (later passes see them) and keep the packed tensors."""
+        _check_finite(name, self.index, result)
+        module = self.layer.get_submodule(name)
+        module.weight.data = result.dequantize().to(self.engine.dtype)
+        self.tensors.update(pack_result(result, self.engine.qcfg.bits).tensors(name))
+        if module.bias is not None:
+            self.tensors[f"{name}.bias"] = module.bias.detach().half()
+        self.report.losses[name] = result.loss
+        if result.cholesky_fallback:
+            self.report.cholesky_fallbacks[name] = result.cholesky_fallback
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The layer's checkpoint tensors: packed projections plus every float parameter left."""
+        linears = set(self.engine.arch.linear_names(self.engine.config, self.index))
+        for name, param in self.layer.named_parameters():
+            if name.rpartition(".")[0] not in linears:
+                self.tensors[name] = param.detach().to(self.engine.out_dtype)
+        log.debug("layer %d quantized: loss %.4g", self.index, self.report.loss)
+        return {k: v.contiguous().cpu() for k, v in self.tensors.items()}
 
 
 def _sparse_block(layer: nn.Module) -> SparseMoe | None:

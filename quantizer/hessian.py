@@ -48,3 +48,19 @@ class HessianAccumulator:
             raise RuntimeError("this accumulator's Hessian was already taken")
         if self.count == 0:
             raise RuntimeError("no calibration tokens reached this layer; check the calibration data")
+
+
+def reduce_in_order(partials: list[dict]) -> dict:
+    """{unit: accumulator} partials from several workers → one, summed in list order (so a rerun with the
+    same workers gives the same bits). Units sharing an accumulator in the partials share it in the sum."""
+    reduced: dict = {}
+    base_of: dict[int, HessianAccumulator] = {}
+    for unit, acc in partials[0].items():
+        reduced[unit] = base_of.setdefault(id(acc), acc)
+    for partial in partials[1:]:
+        merged: set[int] = set()
+        for unit, acc in partial.items():
+            if id(acc) not in merged:
+                merged.add(id(acc))
+                reduced[unit].merge(acc)
+    return reduced

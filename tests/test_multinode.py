@@ -74,7 +74,8 @@ def run_losing_nodes(cluster, six_layers: Path, out: Path, layer: int, stages: l
     deadline = time.time() + 300
     while thread.is_alive() and time.time() < deadline:
         if (layers / f"layer_{layer:05d}.safetensors").is_file():
-            record["killed"] = [ray._private.state.actors(driver.actors[k]._actor_id.hex())["Address"]["NodeID"]
+            actors = driver.dp.workers if driver.dp is not None else driver.actors
+            record["killed"] = [ray._private.state.actors(actors[k]._actor_id.hex())["Address"]["NodeID"]
                                 for k in stages]
             for node_id in record["killed"]:
                 cluster.remove_node(node_of(cluster, node_id), allow_graceful=False)
@@ -134,3 +135,19 @@ def test_pipelined_job_survives_a_worker_node_loss(cluster, six_layers, tmp_path
     assert_same_tensors(tmp_path / "pipelined-clean", out)
     assert 0 in {r["stage"] for r in report["recoveries"]}
     assert clean["recoveries"] == []
+
+
+DATA_PARALLEL = {"schedule": "data_parallel", "resources.workers": 2}
+
+
+def test_data_parallel_job_survives_losing_a_worker_node(cluster, six_layers, tmp_path):
+    """Worker 1's node dies after layer 2: its sequences' activations go with it. Ray restarts the worker on
+    another node, which replays layers 0-2 on its sequences; layer 3 is redone by both workers and the
+    checkpoint equals a clean run with the same two workers, bit for bit."""
+    _, clean = run(six_layers, tmp_path / "dp-clean", **DATA_PARALLEL)
+    assert len({w["node_id"] for w in clean["stages"][0]["workers"]}) == 2 and clean["recoveries"] == []
+    report, record = run_losing_nodes(cluster, six_layers, tmp_path / "dp-killed", layer=2, stages=[1],
+                                      **DATA_PARALLEL)
+    assert_same_tensors(tmp_path / "dp-clean", tmp_path / "dp-killed")
+    assert [r["stage"] for r in report["recoveries"]] == [1]
+    assert report["stages"][0]["workers"][1]["node_id"] != record["killed"][0]

@@ -1,0 +1,145 @@
+"""One worker of the data-parallel schedule: it holds the layer being quantized and 1/W of the calibration
+sequences, whose activations never leave it. For each capture pass it accumulates partial Hessians over its
+own batches and hands each owner the partials of the units that owner solves; an owner sums the W partials
+in worker order (the same bits on every rerun with the same W), solves its units, and every worker applies
+every owner's results before the next pass. Finally each worker pushes its own batches through the
+quantized layer. Only Hessians, results (packed weights) and control messages cross between workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+import torch
+
+from cluster.shards import write_layers_shard
+from cluster.stage import stage_engine
+from quantizer.activations import ActivationChunk, TokenBatch
+from quantizer.architectures import Unit
+from quantizer.config import QuantConfig
+from quantizer.engine import LayerReport, LayerWork, peak_rss_mb
+from quantizer.hessian import reduce_in_order
+from quantizer.layer_builder import build_quantized_layer
+from quantizer.result import QuantResult
+from quantizer.solvers import LocalSolver
+from quantizer.sources import ModelRef
+
+
+def _hessian_bytes(accs: dict) -> int:
+    return sum(acc.xtx.numel() * acc.xtx.element_size() for acc in {id(a): a for a in accs.values()}.values())
+
+
+class MemoryStore:
+    """Activations stay in this worker's memory: they are never sent anywhere."""
+
+    def put(self, chunk: ActivationChunk) -> ActivationChunk:
+        return chunk
+
+    def get(self, handle: ActivationChunk) -> ActivationChunk:
+        return handle
+
+
+@ray.remote
+class DataParallelWorker:
+    def __init__(self, rank: int, world: int, model: ModelRef, qcfg: QuantConfig, layers_url: str, threads: int,
+                 num_layers: int) -> None:
+        self.rank, self.world = rank, world
+        self.reader, self.layer_store, self.engine = stage_engine(model, range(num_layers), qcfg, layers_url, threads,
+                                                                  MemoryStore(), LocalSolver())
+        self.handles: list[ActivationChunk] = []
+        self.work: LayerWork | None = None
+        self.bytes_sent = 0  # Hessian partials and results this worker returned (object-store bytes)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def load_batches(self, batches: list[TokenBatch]) -> int:
+        """This worker's share of the calibration, embedded; returns its real tokens."""
+        self.handles = [self.engine.embed(b) for b in batches]
+        return sum(b.tokens for b in batches)
+
+    def replay(self, index: int) -> tuple[float, LayerReport]:
+        """A finished layer (from the layer store): push this worker's batches through it. Returns the seconds
+        and the report saved with the layer."""
+        start = time.perf_counter()
+        saved = self.layer_store.load(index)
+        if saved is None:
+            raise RuntimeError(f"layer {index} has no checkpoint to replay")
+        self._forward(index, saved[0])
+        return time.perf_counter() - start, saved[1]
+
+    def begin_layer(self, index: int) -> None:
+        self.work = LayerWork(self.engine, index, LayerReport(layer=index, started=time.time()))
+        self.engine.hessian_seconds = 0.0
+
+    def capture(self, pass_index: int, owners: dict[Unit, int]) -> tuple:
+        """Partial Hessians of pass `pass_index` over this worker's batches, one object per owner rank:
+        {"accs": {unit: accumulator} of the units that rank solves, "tokens", "expert_tokens", "seconds"}."""
+        start = time.perf_counter()
+        accs = self.work.capture(self.work.passes[pass_index], self.handles)
+        seconds = time.perf_counter() - start
+        parts = [{unit: acc for unit, acc in accs.items() if owners[unit] == rank} for rank in range(self.world)]
+        sent = sum(_hessian_bytes(part) for rank, part in enumerate(parts) if rank != self.rank)
+        self.bytes_sent += sent
+        hessian_s = self.engine.hessian_seconds
+        out = [{"accs": part, "tokens": self.engine._tokens, "expert_tokens": self.work.report.expert_tokens,
+                "forward_s": seconds - hessian_s, "hessian_s": hessian_s, "hessian_bytes_sent": sent}
+               for part in parts]
+        self.engine.hessian_seconds = 0.0
+        return tuple(out) if self.world > 1 else out[0]
+
+    def solve(self, pass_index: int, *partials: dict) -> dict[str, Any]:
+        """Sum the W partials of this owner's units in worker order, then solve them (group by group)."""
+        start = time.perf_counter()
+        accs = reduce_in_order([p["accs"] for p in partials])
+        self.engine._tokens = sum(p["tokens"] for p in partials)
+        reduced = time.perf_counter()
+        report = LayerReport(layer=self.work.index)
+        results: list[tuple[str, QuantResult]] = []
+        for group in self.work.passes[pass_index]:
+            mine = tuple(unit for unit in group if unit in accs)
+            if mine:
+                results += list(self.engine._solve_group(self.work.layer, mine, accs, report))
+        size = sum(r.codes.numel() + r.scales.numel() * 2 + r.zeros.numel() * 4 for _, r in results)
+        self.bytes_sent += size * (self.world - 1)
+        return {"results": results, "result_bytes_sent": size * (self.world - 1),
+                "hessian_tokens": report.hessian_tokens, "expert_fallbacks": report.expert_fallbacks,
+                "reduce_s": reduced - start,
+                "solve_s": time.perf_counter() - reduced}
+
+    def apply(self, *owner_outputs: dict[str, Any]) -> float:
+        """Every owner's results, in owner order: later passes (and the output forward) see them."""
+        start = time.perf_counter()
+        for output in owner_outputs:
+            for name, result in output["results"]:
+                self.work.apply(name, result)
+        return time.perf_counter() - start
+
+    def finish_layer(self, report: LayerReport | None) -> dict[str, float]:
+        """Push this worker's batches through the quantized layer; with `report` (one worker does this), also
+        checkpoint the layer. Returns the forward seconds."""
+        tensors = self.work.finish()
+        if report is not None:
+            report.peak_rss_mb = peak_rss_mb()
+            self.layer_store.save(self.work.index, tensors, report)
+        start = time.perf_counter()
+        self._forward(self.work.index, tensors)
+        self.work = None
+        return {"forward_s": time.perf_counter() - start}
+
+    def _forward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        e = self.engine
+        layer = build_quantized_layer(e.arch, e.config, index, tensors, e.qcfg, e.dtype, e.device)
+        self.handles = [e.forward_layer(layer, chunk) for chunk in self.handles]
+
+    def write_shard(self, folder: str, name: str, layers: range, first: bool, last: bool) -> dict[str, Any]:
+        return write_layers_shard(self.reader, self.layer_store, layers, first, last, self.engine.out_dtype, folder,
+                                  name)
+
+    def stats(self) -> dict[str, Any]:
+        return {"worker": self.rank, "peak_rss_mb": peak_rss_mb(), "bytes_sent": self.bytes_sent,
+                "device": str(self.engine.device), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
