@@ -1,12 +1,15 @@
-"""Perplexity of the small trained mixture of experts (bench/train_moe.py: Qwen3-MoE, 16 experts, top-2)
-float vs int4 and int3 (g64 sym, group-aware order): GPTQ calibrating every expert on every token (our
+"""Perplexity of a mixture of experts float vs int4 and int3 — SmolLM2-135M upcycled into a Qwen2-MoE with 8
+noisy copies of each MLP as experts and a random router (bench/upcycle_moe.py; `--model upcycled`, the
+default), or the small MoE trained from scratch (bench/train_moe.py: Qwen3-MoE, 16 experts; `--model
+trained`) — (g64 sym, group-aware order): GPTQ calibrating every expert on every token (our
 default), GPTQ on routed tokens only, round-to-nearest, and GPTQModel 7.6.0 on the same settings (its MoE
 default: routed tokens, RTN below 0.5 % of the tokens), all with the same 128 calibration samples of the
 shipped Wikipedia text (≤ 512 tokens) and evaluated on the shipped gensim Wikipedia text (32 × 512
 tokens). Also the per-layer wall with 1 and 2 solve workers, on that model and on a wider random MoE
 (hidden 2048, 16 experts of width 2048) where the expert solves weigh as much as the calibration passes.
 
-Usage: python -m bench.moe_quality [--windows 32] [--train-minutes 8]   (needs the interop extra; ~40 min)
+Usage: python -m bench.moe_quality [--model upcycled|trained] [--windows 32] [--no-workers]
+(needs the interop extra; ~90 min for the upcycled model)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.common import run_cli, write_results
-from bench.train_moe import default_out, train
+from bench import train_moe, upcycle_moe
 from tests.tiny_models import write_tiny_moe
 
 log = logging.getLogger("bench.moe_quality")
@@ -64,14 +67,25 @@ def gptqmodel_quantize(float_dir: Path, out: Path, bits: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--model", choices=["upcycled", "trained"], default="upcycled")
     parser.add_argument("--train-minutes", type=float, default=8.0)
+    parser.add_argument("--no-workers", action="store_true", help="skip the solve-workers timing")
     args = parser.parse_args()
-    float_dir = default_out()
-    training = train(float_dir, args.train_minutes) if not float_dir.exists() else \
-        json.loads((float_dir / "training.json").read_text())
+    if args.model == "upcycled":
+        float_dir = upcycle_moe.default_out()
+        if not float_dir.exists():
+            upcycle_moe.upcycle(float_dir)
+        about = "SmolLM2-135M upcycled: Qwen2-MoE, 8 experts (the MLP + 5 % noise each), top-2, random router"
+        table = "moe_quality"
+    else:
+        float_dir = train_moe.default_out()
+        training = train_moe.train(float_dir, args.train_minutes) if not float_dir.exists() else \
+            json.loads((float_dir / "training.json").read_text())
+        about = (f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
+                 f"({training['seconds']:.0f} s; bench/train_moe.py)")
+        table = "moe_quality_trained"
     rows = [{"setting": "float (fp16 weights)", "perplexity": perplexity(str(float_dir), args.windows)}]
-    meta = {"model": f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
-                     f"({training['seconds']:.0f} s; bench/train_moe.py)",
+    meta = {"model": about,
             "quantization": "g64 sym, group-aware order (no act-order)",
             "calibration": "128 shipped Wikipedia samples ≤ 512 tokens", "eval": f"{args.windows}×512 tokens",
             "machine": "2 CPU cores"}
@@ -88,12 +102,14 @@ def main() -> None:
                              "quantize_s": wall, "layers_s": sum(r["seconds"] for r in layers),
                              "fallback_experts": sum(len(r["expert_fallbacks"]) for r in layers),
                              "min_expert_tokens": min(min(r["expert_tokens"]) for r in layers)})
-                write_results("moe_quality", rows, columns, meta)
+                write_results(table, rows, columns, meta)
             out = Path(tmp) / f"int{bits}-gptqmodel"
             wall = gptqmodel_quantize(float_dir, out, bits)
             rows.append({"setting": f"int{bits} GPTQModel 7.6.0 (routed tokens, RTN below 0.5 %)",
                          "perplexity": perplexity(str(out), args.windows), "quantize_s": wall})
-            write_results("moe_quality", rows, columns, meta)
+            write_results(table, rows, columns, meta)
+        if args.no_workers:
+            return
         wide = write_tiny_moe(Path(tmp) / "wide", "qwen3_moe", layers=2, hidden=2048, intermediate=2048,
                               num_experts=16, moe_intermediate_size=2048)
         workers = []

@@ -215,7 +215,8 @@ def quantize(float_dir: Path, out: Path, calibration: Path, layers: int) -> None
             raise RuntimeError(f"writing the random checkpoint failed (exit code {writer.exitcode})")
     run_cli("quantize", "--config", "configs/qwen2-72b.yaml", "--model", str(float_dir),
             "--calib", str(calibration), "--out", str(out), "--overwrite", "--stages", "2",
-            "--gpus-per-stage", "0", "--cpus-per-stage", "2", "--memory-per-stage-gb", "0",
+            "--schedule", "sequential", "--workers", "1", "--gpus-per-stage", "0", "--cpus-per-stage", "2",
+            "--memory-per-stage-gb", "0",
             "--num-samples", str(CALIBRATION.num_samples), "--max-len", str(CALIBRATION.max_len),
             "--batch-size", str(CALIBRATION.batch_size), timeout=4 * 3600)
 

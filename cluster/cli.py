@@ -114,6 +114,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--stages", type=_stages)
     p.add_argument("--memory-per-stage-gb", type=float)
     p.add_argument("--gpus-per-stage", type=float, help="1: plan for GPU stages (layers in the checkpoint dtype)")
+    p.add_argument("--schedule", choices=["auto", "sequential", "pipelined", "data_parallel"])
+    p.add_argument("--workers", type=int, help="data-parallel workers")
+    p.add_argument("--worker-tflops", type=float, help="assumed TFLOP/s of one worker for the phase estimate "
+                   "(default 200 on GPUs, 0.1 on CPUs)")
+    p.add_argument("--link-gbps", type=float, default=10.0, help="assumed GB/s between workers (default 10)")
 
 
 def add_quantization_commands(sub) -> None:
@@ -154,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from cluster.driver import default_budget, job_sizes, resolve_model
     from cluster.job import load_job
-    from cluster.plan import describe, plan_stages
+    from cluster.plan import describe, describe_phases, estimate_phases, plan_stages
     from quantizer.layer_builder import padded_intermediate
     from quantizer.model_io import CheckpointReader
 
@@ -162,7 +167,22 @@ def cmd_plan(args: argparse.Namespace) -> None:
     reader = CheckpointReader(resolve_model(job.model).open())
     tokens = job.calibration.batch_size * job.calibration.max_len
     intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
-    print(describe(plan_stages(job_sizes(reader, job, intermediate, tokens), job.stages, default_budget(job))))
+    schedule = job.resolved_schedule
+    stages = 1 if schedule == "data_parallel" else job.stages
+    plans = plan_stages(job_sizes(reader, job, intermediate, tokens), stages, default_budget(job))
+    print(describe(plans))
+    workers = job.resources.workers if schedule == "data_parallel" else 1
+    flops = (args.worker_tflops or (200 if job.resources.gpus_per_stage else 0.1)) * 1e12
+    sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(reader.config, i)]
+    estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate,
+                               job.calibration.num_samples * job.calibration.max_len, workers, job.quant.bits, flops,
+                               args.link_gbps * 1e9, job.quant.moe_all_experts)
+    if schedule == "data_parallel":
+        print(describe_phases(estimate, reader.num_layers, workers, flops, args.link_gbps * 1e9))
+    else:
+        print(f"schedule: {schedule}, {len(plans)} stage(s); the same "
+              f"phases on one worker at a time: about {reader.num_layers * estimate.total_s / 60:.0f} min "
+              "(data_parallel with --workers W divides the forward, Hessian and solve phases by up to W)")
 
 
 QUANTIZATION_COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan}

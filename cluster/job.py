@@ -62,14 +62,14 @@ class JobConfig:
         if self.resources.workers > 1 and self.schedule in ("sequential", "pipelined"):
             raise ConfigError(f"resources.workers={self.resources.workers} is for the data_parallel schedule; the "
                               f"{self.schedule} schedule splits layers into stages (--stages)")
+        if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
+            raise ConfigError(f"stages must be a positive integer or 'auto', got {self.stages!r}")
 
     @property
     def resolved_schedule(self) -> str:
         if self.schedule == "auto":
             return "data_parallel" if self.resources.workers > 1 else "sequential"
         return self.schedule
-        if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
-            raise ConfigError(f"stages must be a positive integer or 'auto', got {self.stages!r}")
 
     def settings_hash(self) -> str:
         """Hash of the settings that change the output. The model and calibration file count by their content

@@ -193,3 +193,63 @@ def describe(plans: list[StagePlan]) -> str:
                      f"({len(p.layers)} layers), weights {human(p.weight_bytes)} + "
                      f"workspace {human(p.workspace_bytes)} = {human(p.total_bytes)}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    """Expected seconds per layer of each data-parallel phase, for an average layer, and the bytes moved."""
+    forward_s: float
+    hessian_s: float
+    reduce_s: float
+    solve_s: float
+    broadcast_s: float
+    hessian_bytes: int
+    result_bytes: int
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.hessian_s + self.reduce_s + self.solve_s + self.broadcast_s
+
+
+def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tokens: int, workers: int, bits: int,
+                    worker_flops: float, link_bytes_per_s: float, all_experts: bool = True) -> PhaseEstimate:
+    """Per-phase seconds of layer `index` under the data-parallel schedule on `workers` workers of
+    `worker_flops` FLOP/s each, joined by links of `link_bytes_per_s`; `tokens` calibration tokens in all.
+    Forward: the capture passes (each runs the layer up to its units: half a layer on average) and the
+    output forward, 2 FLOPs per weight and token, every expert in a sparse layer's down_proj pass when all
+    experts are calibrated on every token; Hessians: 2·in² per token and unit; solves: 2·rows·in² + in³ per
+    unit, spread over the workers largest first; reduce: W − 1 partial Hessians per unit to its owner;
+    broadcast: the packed weights to the W − 1 other workers."""
+    arch, config = reader.arch, reader.config
+    groups = layer_groups(reader, index, intermediate, all_experts)
+    weights = sum(r * i for units, _ in groups for r, i in units)
+    passes = len(groups)
+    forward_flops = 2 * weights * tokens * (passes / 2 + 1)
+    if arch.is_sparse(config, index):
+        experts, top_k = arch.moe.num_experts(config), int(config.num_experts_per_tok)
+        expert_weights = sum(r * i for units, _ in groups[-2:] for r, i in units)
+        dense = weights - expert_weights
+        routed = expert_weights * top_k / experts
+        forward_flops = 2 * tokens * (dense * (passes / 2 + 1) + routed * 3 + (expert_weights if all_experts else 0))
+    hessian_flops = sum(2 * i * i * tokens * shared for units, shared in groups for _, i in units[:1])
+    solve_costs = sorted((2 * r * i * i + i**3 for units, _ in groups for r, i in units), reverse=True)
+    loads = [0.0] * workers
+    for cost in solve_costs:
+        loads[loads.index(min(loads))] += cost
+    hessian_bytes = sum(i * i * 4 * h for units, h in groups for _, i in units[:1]) * (workers - 1)
+    result_bytes = int(weights * bits / 8 * (workers - 1))
+    return PhaseEstimate(forward_flops / workers / worker_flops, hessian_flops / workers / worker_flops,
+                         hessian_bytes / link_bytes_per_s, max(loads) / worker_flops, result_bytes / link_bytes_per_s,
+                         hessian_bytes, result_bytes)
+
+
+def describe_phases(estimate: PhaseEstimate, layers: int, workers: int, worker_flops: float,
+                    link_bytes_per_s: float) -> str:
+    e = estimate
+    return "\n".join([
+        f"schedule: data_parallel, {workers} worker(s); assumed {worker_flops / 1e12:g} TFLOP/s per worker, "
+        f"{link_bytes_per_s / 1e9:g} GB/s between workers",
+        f"  per layer: forward {e.forward_s:.1f} s, Hessians {e.hessian_s:.1f} s, reduce {e.reduce_s:.1f} s "
+        f"({human(e.hessian_bytes)}), solve {e.solve_s:.1f} s, broadcast {e.broadcast_s:.1f} s "
+        f"({human(e.result_bytes)}) = {e.total_s:.1f} s",
+        f"  {layers} layers: about {layers * e.total_s / 60:.0f} min"])

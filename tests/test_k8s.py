@@ -27,7 +27,8 @@ def test_manifest_is_valid(path: Path):
         job = check_entrypoint(manifest["spec"]["entrypoint"])
         assert manifest["spec"]["shutdownAfterJobFinishes"] and manifest["spec"]["backoffLimit"] >= 1
         if job.resources.gpus_per_stage:
-            assert sum(pods * gpus for pods, gpus in workers) >= job.stages * job.resources.gpus_per_stage
+            needed = job.resources.workers if job.resolved_schedule == "data_parallel" else job.stages
+            assert sum(pods * gpus for pods, gpus in workers) >= needed * job.resources.gpus_per_stage
     if manifest["kind"] == "RayService":
         (args,) = check_serve_config(manifest["spec"]["serveConfigV2"])
         assert args["kv_cache_dtype"] == "int8" and args["engine"] == "transformers"
@@ -56,17 +57,18 @@ def test_72b_job_resources_fit_the_plan(tmp_path):
 
     manifest = load_manifest(REPO / "k8s" / "rayjob-quantize-72b.yaml")
     job = check_entrypoint(manifest["spec"]["entrypoint"])
-    assert (job.stages, job.quant.bits, job.quant.group_size) == (8, 4, 128)
+    assert (job.resolved_schedule, job.resources.workers, job.quant.bits, job.quant.group_size) == (
+        "data_parallel", 8, 4, 128)
     reader = CheckpointReader(write_header_only_checkpoint(tmp_path / "Qwen2-72B", QWEN2_72B))
     intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
     assert intermediate == 29696 and intermediate // 8 % 128 == 0  # splits over 8 GPUs in g128 groups
     sizes = job_sizes(reader, job, intermediate, job.calibration.batch_size * job.calibration.max_len)
-    plans = plan_stages(sizes, job.stages, int(job.resources.memory_per_stage_gb * GB))
-    assert len(plans) == 8 == sum(pods * gpus for pods, gpus in gpu_workers(manifest))
+    plans = plan_stages(sizes, 1, int(job.resources.memory_per_stage_gb * GB))  # each worker: one layer at a time
+    assert job.resources.workers == 8 == sum(pods * gpus for pods, gpus in gpu_workers(manifest))
     (group,) = cluster_spec(manifest)["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(limits["cpu"]) >= job.resources.cpus_per_stage
-    assert max(p.total_bytes for p in plans) <= 80 * GB  # each stage fits one 80 GB GPU
+    assert max(p.total_bytes for p in plans) <= 80 * GB  # each worker fits one 80 GB GPU
     activations = 128 * 2048 * 8192 * 2  # calibration activations at one layer boundary, bf16
     object_store = int(group["rayStartParams"]["object-store-memory"])
     assert object_store >= 2 * activations  # a layer's inputs and outputs
