@@ -147,13 +147,52 @@ def _rehearsal_72b_layer0(ax, rows: Rows) -> None:
     ax.legend(fontsize=8)
 
 
+def _moe_quality(ax, rows: Rows) -> None:
+    _hbars(ax, [r["setting"] for r in rows], [r["perplexity"] for r in rows],
+           ["tab:gray"] + ["tab:orange" if "GPTQModel" in r["setting"] else "tab:blue" for r in rows[1:]],
+           "perplexity (lower is better)", "mixture of experts: perplexity by quantization")
+    low = min(r["perplexity"] for r in rows)
+    ax.set_xlim(low * 0.98, max(r["perplexity"] for r in rows) * 1.01)
+
+
+def _moe_solve_workers(ax, rows: Rows) -> None:
+    _hbars(ax, [f"{r['model']} · {r['solve_workers']} worker(s)" for r in rows], [r["per_layer_s"] for r in rows],
+           "tab:green", "seconds per layer", "MoE expert solves on 1 and 2 workers (1 thread each)")
+
+
+def _rehearsal_235b(ax, rows: Rows) -> None:
+    x = list(range(len(rows)))
+    ax.bar([i - 0.2 for i in x], [r["planned_gb"] for r in rows], 0.4, label="planner estimate", color="tab:gray")
+    ax.bar([i + 0.2 for i in x], [r["stage_peak_rss_gb"] for r in rows], 0.4, label="measured peak RSS",
+           color="tab:blue")
+    ax.set_xticks(x, [f"layer {r['layer']} ({r['layer_wall_s']:.0f} s)" for r in rows])
+    ax.set_ylabel("GiB")
+    ax.set_title("Qwen3-235B-A22B-shaped layers on CPU: memory, planned vs measured")
+    ax.legend()
+
+
+def _data_parallel(ax, rows: Rows) -> None:
+    phases = ("forward_s", "hessian_s", "reduce_s", "solve_s", "broadcast_s")
+    left = [0.0] * len(rows)
+    for phase, color in zip(phases, ("tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:gray")):
+        values = [r.get(phase, 0.0) for r in rows]
+        ax.barh([r["run"] for r in rows], values, left=left, color=color, label=phase.removesuffix("_s"))
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (all layers)")
+    ax.set_title("data-parallel schedule: time by phase")
+    ax.legend(fontsize=8)
+
+
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "solve_cuda": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
     "serving_engines": _serving_engines, "serving_kv_cache": _serving_kv_cache,
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
     "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode, "rehearsal_72b": _rehearsal_72b,
-    "rehearsal_72b_layer0": _rehearsal_72b_layer0,
+    "rehearsal_72b_layer0": _rehearsal_72b_layer0, "moe_quality": _moe_quality,
+    "moe_quality_trained": _moe_quality, "moe_solve_workers": _moe_solve_workers, "rehearsal_235b": _rehearsal_235b,
+    "data_parallel": _data_parallel, "data_parallel_7b_layer": _data_parallel,
 }
 
 

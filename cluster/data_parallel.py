@@ -25,7 +25,9 @@ from quantizer.calibration import make_batches
 from quantizer.checkpoint import shard_name
 from quantizer.engine import LayerReport, StagePhase
 from quantizer.errors import ConfigError
+from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
+from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class DataParallelRun:
     def __init__(self, reader: CheckpointReader, model, qcfg, layers_url: str, shares: list[list[TokenBatch]],
                  threads: int, gpus: float, max_restarts: int) -> None:
         self.reader, self.qcfg, self.shares = reader, qcfg, shares
+        self.layer_store = FolderLayerStore(Location(layers_url))
         self.world = len(shares)
         self.workers = [DataParallelWorker.options(num_cpus=threads, num_gpus=gpus, max_restarts=max_restarts,
                                                    max_task_retries=0).remote(
@@ -87,7 +90,10 @@ class DataParallelRun:
                     done.append(index)
                 index += 1
             except ray.exceptions.RayError as exc:
-                self._recover(exc, index)
+                target = self._recover(exc, index)
+                for finished in range(index, target):  # checkpointed before the loss: its report is kept
+                    progress.update(self.layer_store.report(finished))
+                index = target
 
     def _layer(self, index: int, progress: StageProgress) -> None:
         started, wall = time.time(), time.perf_counter()
@@ -140,22 +146,33 @@ class DataParallelRun:
         self.phases.append(phase)
         progress.update(report)
 
-    def _recover(self, exc: BaseException, index: int) -> None:
-        """A worker died (its node, or its process): wait for Ray to restart it, rebuild its activations by
-        replaying the finished layers on its sequences, and redo the current layer on every worker."""
+    def _recover(self, exc: BaseException, index: int) -> int:
+        """A worker died (its node, or its process) during layer `index`: wait for Ray to restart it, then
+        bring every worker to the inputs of the first layer not checkpointed yet — the restarted one by
+        replaying the finished layers on its sequences, one that went past it by starting over — and return
+        that layer, which every worker then quantizes again."""
         if not actor_lost(exc):
             raise exc
         lost = [r for r, w in enumerate(self.workers) if not _alive(w)]
-        for rank in lost or range(self.world):
+        for rank in lost:
             if self.budget[rank] == 0:
                 raise exc
             self.budget[rank] -= 1
             self.recoveries.append(Recovery(rank, type(exc).__name__, True, time.time()))
-            log.warning("data-parallel worker %d lost (%s); restarting it and replaying layers 0-%d on its "
-                        "sequences", rank, type(exc).__name__, index - 1)
+            log.warning("data-parallel worker %d lost during layer %d (%s); restarting it and replaying the finished "
+                        "layers on its sequences", rank, index, type(exc).__name__)
             wait_until_restarted(self.workers[rank], rank)
-            ray.get(self.workers[rank].load_batches.remote(self.shares[rank]))
-            ray.get([self.workers[rank].replay.remote(layer) for layer in range(index)])
+        saved = set(self.layer_store.done())
+        target = index + 1 if index in saved else index
+        positions = ray.get([w.at_layer.remote() for w in self.workers])
+        replays = []
+        for rank, (worker, position) in enumerate(zip(self.workers, positions)):
+            if rank in lost or position > target:
+                ray.get(worker.load_batches.remote(self.shares[rank]))
+                position = 0
+            replays += [worker.replay.remote(layer) for layer in range(position, target)]
+        ray.get(replays)
+        return target
 
     def write_shards(self, folder: str) -> tuple[list[dict], list[dict]]:
         """Worker w writes shard w: a contiguous share of the layers (+ embeddings first, norm/head last)."""

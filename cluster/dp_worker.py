@@ -50,6 +50,7 @@ class DataParallelWorker:
         self.reader, self.layer_store, self.engine = stage_engine(model, range(num_layers), qcfg, layers_url, threads,
                                                                   MemoryStore(), LocalSolver())
         self.handles: list[ActivationChunk] = []
+        self.position = 0  # the layer whose inputs self.handles hold
         self.work: LayerWork | None = None
         self.bytes_sent = 0  # Hessian partials and results this worker returned (object-store bytes)
 
@@ -59,7 +60,12 @@ class DataParallelWorker:
     def load_batches(self, batches: list[TokenBatch]) -> int:
         """This worker's share of the calibration, embedded; returns its real tokens."""
         self.handles = [self.engine.embed(b) for b in batches]
+        self.position = 0
         return sum(b.tokens for b in batches)
+
+    def at_layer(self) -> int:
+        """The layer whose inputs this worker holds."""
+        return self.position
 
     def replay(self, index: int) -> tuple[float, LayerReport]:
         """A finished layer (from the layer store): push this worker's batches through it. Returns the seconds
@@ -132,8 +138,11 @@ class DataParallelWorker:
 
     def _forward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         e = self.engine
+        if index != self.position:
+            raise RuntimeError(f"worker {self.rank} holds the inputs of layer {self.position}, not {index}")
         layer = build_quantized_layer(e.arch, e.config, index, tensors, e.qcfg, e.dtype, e.device)
         self.handles = [e.forward_layer(layer, chunk) for chunk in self.handles]
+        self.position = index + 1
 
     def write_shard(self, folder: str, name: str, layers: range, first: bool, last: bool) -> dict[str, Any]:
         return write_layers_shard(self.reader, self.layer_store, layers, first, last, self.engine.out_dtype, folder,

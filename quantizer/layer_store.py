@@ -38,6 +38,13 @@ class FolderLayerStore:
                     metadata={"report": json.dumps(dataclasses.asdict(report))})
         self.folder.write_bytes(self.name(index), data)
 
+    def report(self, index: int) -> LayerReport:
+        """The report saved with a finished layer, read from the file's header alone."""
+        name = self.name(index)
+        length = int.from_bytes(self.folder.read_range(name, 0, 8), "little")
+        header = json.loads(self.folder.read_range(name, 8, length))
+        return LayerReport(**json.loads(header["__metadata__"]["report"]))
+
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], LayerReport] | None:
         name = self.name(index)
         if not self.folder.is_file(name):

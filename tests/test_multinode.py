@@ -151,3 +151,4 @@ def test_data_parallel_job_survives_losing_a_worker_node(cluster, six_layers, tm
     assert_same_tensors(tmp_path / "dp-clean", tmp_path / "dp-killed")
     assert [r["stage"] for r in report["recoveries"]] == [1]
     assert report["stages"][0]["workers"][1]["node_id"] != record["killed"][0]
+    assert [r["layer"] for r in report["stages"][0]["layer_reports"]] == list(range(6))
