@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import run_cli, write_results
+from bench.common import RESULTS, run_cli, write_results
 from bench import train_moe, upcycle_moe
 from tests.tiny_models import write_tiny_moe
 
@@ -33,11 +33,21 @@ BITS = (4, 3)
 
 def settings(bits: int) -> list[str]:
     return ["--bits", str(bits), "--group-size", "64", "--sym", "--no-desc-act", *CALIBRATION]
-RUNS = [  # (label, extra flags)
-    ("GPTQ all experts (every expert on every token)", ["--moe-all-experts"]),
-    ("GPTQ routed tokens only", ["--no-moe-all-experts"]),
-    ("RTN", ["--method", "rtn"]),
-]
+
+
+RUNS = {  # key: (label, extra flags); "gptqmodel" is the reference
+    "auto": ("GPTQ auto (routed tokens; every token for experts short of a full-rank Hessian)",
+             ["--moe-calibration", "auto"]),
+    "all": ("GPTQ every expert on every token", ["--moe-calibration", "all"]),
+    "routed": ("GPTQ routed tokens only", ["--moe-calibration", "routed"]),
+    "rtn": ("RTN", ["--method", "rtn"]),
+}
+GPTQMODEL = "GPTQModel 7.6.0 (routed tokens, RTN below 0.5 %)"
+
+
+def _previous(table: str) -> list[dict]:
+    path = RESULTS / f"{table}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def perplexity(model: str, windows: int) -> float:
@@ -70,6 +80,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["upcycled", "trained"], default="upcycled")
     parser.add_argument("--train-minutes", type=float, default=8.0)
     parser.add_argument("--no-workers", action="store_true", help="skip the solve-workers timing")
+    parser.add_argument("--runs", default=",".join([*RUNS, "gptqmodel"]),
+                        help="which rows to (re)measure, comma-separated; the others are kept from the last results")
     args = parser.parse_args()
     if args.model == "upcycled":
         float_dir = upcycle_moe.default_out()
@@ -84,6 +96,8 @@ def main() -> None:
         about = (f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
                  f"({training['seconds']:.0f} s; bench/train_moe.py)")
         table = "moe_quality_trained"
+    wanted = args.runs.split(",")
+    kept = {r["setting"]: r for r in _previous(table)}
     rows = [{"setting": "float (fp16 weights)", "perplexity": perplexity(str(float_dir), args.windows)}]
     meta = {"model": about,
             "quantization": "g64 sym, group-aware order (no act-order)",
@@ -92,8 +106,11 @@ def main() -> None:
     columns = ["setting", "perplexity", "quantize_s", "layers_s", "fallback_experts", "min_expert_tokens"]
     with tempfile.TemporaryDirectory() as tmp:
         for bits in BITS:
-            for label, flags in RUNS:
-                out = str(Path(tmp) / f"int{bits}-{label.split(' (')[0].replace(' ', '_')}")
+            for key, (label, flags) in RUNS.items():
+                if key not in wanted:
+                    rows += [kept[f"int{bits} rayquant {label}"]] if f"int{bits} rayquant {label}" in kept else []
+                    continue
+                out = str(Path(tmp) / f"int{bits}-{key}")
                 _, wall = run_cli("quantize", "--model", str(float_dir), "--out", out, "--stages", "1",
                                   *settings(bits), *flags)
                 report = json.loads((Path(out) / "quantize_report.json").read_text())
@@ -103,10 +120,13 @@ def main() -> None:
                              "fallback_experts": sum(len(r["expert_fallbacks"]) for r in layers),
                              "min_expert_tokens": min(min(r["expert_tokens"]) for r in layers)})
                 write_results(table, rows, columns, meta)
+            if "gptqmodel" not in wanted:
+                rows += [kept[f"int{bits} {GPTQMODEL}"]] if f"int{bits} {GPTQMODEL}" in kept else []
+                continue
             out = Path(tmp) / f"int{bits}-gptqmodel"
             wall = gptqmodel_quantize(float_dir, out, bits)
-            rows.append({"setting": f"int{bits} GPTQModel 7.6.0 (routed tokens, RTN below 0.5 %)",
-                         "perplexity": perplexity(str(out), args.windows), "quantize_s": wall})
+            rows.append({"setting": f"int{bits} {GPTQMODEL}", "perplexity": perplexity(str(out), args.windows),
+                         "quantize_s": wall})
             write_results(table, rows, columns, meta)
         if args.no_workers:
             return

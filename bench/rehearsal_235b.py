@@ -27,7 +27,7 @@ from quantizer.loading import load_model
 from tests.synthetic_checkpoint import QWEN3_235B_A22B
 
 log = logging.getLogger("bench")
-QUANT = ["--bits", "4", "--group-size", "128", "--sym", "--no-desc-act", "--moe-all-experts"]
+QUANT = ["--bits", "4", "--group-size", "128", "--sym", "--no-desc-act", "--moe-calibration", "auto"]
 
 
 def quantize(float_dir: Path, out: Path, calibration: Path, layers: int) -> None:

@@ -17,7 +17,7 @@ _QUANTIZE_FLAGS = {
     "act_group_aware": "quant.act_group_aware", "sym": "quant.sym",
     "damp_percent": "quant.damp_percent", "static_groups": "quant.static_groups",
     "true_sequential": "quant.true_sequential", "method": "quant.method",
-    "pad_intermediate_to": "quant.pad_intermediate_to", "moe_all_experts": "quant.moe_all_experts",
+    "pad_intermediate_to": "quant.pad_intermediate_to", "moe_calibration": "quant.moe_calibration",
     "moe_min_token_fraction": "quant.moe_min_token_fraction", "moe_fallback": "quant.moe_fallback",
     "solve_workers": "resources.solve_workers", "workers": "resources.workers",
     "num_samples": "calibration.num_samples", "max_len": "calibration.max_len",
@@ -68,9 +68,10 @@ def _add_quantize(sub) -> None:
     g.add_argument("--method", choices=["gptq", "rtn"], help="gptq (default) or the round-to-nearest baseline")
     g.add_argument("--pad-intermediate-to", type=int, help="zero-pad the MLP width to a multiple (Qwen2-72B: 1024)")
     m = p.add_argument_group("mixture of experts (qwen3_moe, qwen2_moe, mixtral)")
-    m.add_argument("--moe-all-experts", action=argparse.BooleanOptionalAction, default=None,
-                   help="calibrate every expert on every token, outputs still routed (default on); --no-…: routed "
-                   "tokens only")
+    m.add_argument("--moe-calibration", choices=["auto", "all", "routed"],
+                   help="tokens in an expert's Hessian (outputs always follow the router): all = every token, "
+                   "routed = its routed tokens, auto (default) = routed when they are at least as many as the "
+                   "projection's inputs, every token otherwise")
     m.add_argument("--moe-min-token-fraction", type=float,
                    help="an expert whose Hessian saw fewer of the layer's tokens falls back (default 0.005)")
     m.add_argument("--moe-fallback", choices=["rtn", "damp"],
@@ -176,7 +177,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(reader.config, i)]
     estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate,
                                job.calibration.num_samples * job.calibration.max_len, workers, job.quant.bits, flops,
-                               args.link_gbps * 1e9, job.quant.moe_all_experts)
+                               args.link_gbps * 1e9, job.quant.moe_calibration == "all")
     if schedule == "data_parallel":
         print(describe_phases(estimate, reader.num_layers, workers, flops, args.link_gbps * 1e9))
     else:

@@ -115,7 +115,7 @@ def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, token
     pipelined stages keep their float layers."""
     return model_sizes(reader, tokens_per_batch, job.resources.max_inflight_chunks, intermediate,
                        compute_bytes=None if job.resources.gpus_per_stage else 4,
-                       pipelined=job.resolved_schedule == "pipelined", all_experts=job.quant.moe_all_experts)
+                       pipelined=job.resolved_schedule == "pipelined", all_experts=job.quant.moe_calibration == "all")
 
 
 def few_tokens_warning(tokens: int, reader: CheckpointReader, intermediate: int) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any
 from quantizer.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+MOE_CALIBRATIONS = ("auto", "all", "routed")
 MOE_FALLBACKS = ("rtn", "damp")
 FALLBACK_DAMP_PERCENT = 0.1  # the "damp" fallback's dampening
 VLLM_BITS = (4, 8)  # vLLM's GPTQ kernels (Marlin, Machete, CPU WNA16): uint4b8 / uint8b128, symmetric only
@@ -26,7 +27,9 @@ class QuantConfig:
     block_size: int = 128  # columns per lazy-batch update
     method: str = "gptq"  # "gptq" or "rtn" (round-to-nearest baseline, same outputs)
     pad_intermediate_to: int = 0  # zero-pad the MLP width to a multiple of this (0 = off)
-    moe_all_experts: bool = True  # MoE: every expert's Hessian from every token (outputs still follow the router)
+    moe_calibration: str = "auto"  # MoE: whose tokens form an expert's Hessian (outputs always follow the router):
+    #   "all" every token; "routed" its routed tokens; "auto" its routed tokens when at least as many as its
+    #   widest input (a full-rank Hessian), every token otherwise
     moe_min_token_fraction: float = 0.005  # MoE: an expert whose Hessian saw fewer of the layer's tokens falls back
     moe_fallback: str = "rtn"  # "rtn" (round-to-nearest) or "damp" (GPTQ with damp_percent 0.1)
 
@@ -44,6 +47,8 @@ class QuantConfig:
             raise ConfigError(f"block_size={self.block_size} must be positive (128 is the usual value)")
         if self.method not in ("gptq", "rtn"):
             raise ConfigError(f"method={self.method!r} is unknown; use 'gptq' or 'rtn'")
+        if self.moe_calibration not in MOE_CALIBRATIONS:
+            raise ConfigError(f"moe_calibration={self.moe_calibration!r} is unknown; use one of {MOE_CALIBRATIONS}")
         if self.moe_fallback not in MOE_FALLBACKS:
             raise ConfigError(f"moe_fallback={self.moe_fallback!r} is unknown; use one of {MOE_FALLBACKS}")
         if not 0 <= self.moe_min_token_fraction < 1:

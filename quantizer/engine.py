@@ -177,12 +177,14 @@ class StageEngine:
                     work.apply(name, result)
         return work.finish()
 
-    def _capture(self, layer: nn.Module, groups: list[tuple[Unit, ...]], handles: list[Any]
-                 ) -> dict[Unit, HessianAccumulator]:
-        """One pass over all batches, accumulating the input Hessian of each unit. With every expert
-        calibrated on every token, the experts' gate/up units all read the block's input: one accumulator
-        serves them all. The pass stops once the last unit's inputs are seen (after the sparse block when
-        that unit is inside it)."""
+    def _capture(self, layer: nn.Module, groups: list[tuple[Unit, ...]], handles: list[Any],
+                 expert_tokens: list[int] | None = None) -> dict[Unit, HessianAccumulator]:
+        """One pass over all batches, accumulating the input Hessian of each unit. An expert calibrated on
+        every token has, for gate/up, the block's input: one accumulator serves all such experts; for
+        down_proj, the expert runs on every token. moe_calibration "auto" decides per expert from its routed
+        tokens (`expert_tokens`, counted in an earlier pass; for gate/up, this pass's own count): every token
+        when they are fewer than the projection's inputs. The pass stops once the last unit's inputs are
+        seen (after the sparse block when that unit is inside it)."""
         accs: dict[Unit, HessianAccumulator] = {}
         moe = _sparse_block(layer)
         shared: HessianAccumulator | None = None
@@ -196,15 +198,17 @@ class StageEngine:
                 self.hessian_seconds += time.perf_counter() - start
             return hook
 
+        mode = self.qcfg.moe_calibration
         for group in groups:
             for unit in group:
                 module = layer.get_submodule(unit[0])
-                if moe is not None and self.qcfg.moe_all_experts and _expert_input_unit(unit):
+                if moe is not None and mode != "routed" and _expert_input_unit(unit):
                     if shared is None:  # the block's own input: no expert needs to run for it
                         shared = HessianAccumulator(module.in_features, self.device)
                         hooks.append(moe.register_forward_pre_hook(accumulate(shared)))
-                    accs[unit] = shared
-                    continue
+                    if mode == "all":
+                        accs[unit] = shared
+                        continue
                 acc = accs[unit] = HessianAccumulator(module.in_features, self.device)
                 hooks.append(module.register_forward_pre_hook(accumulate(acc)))
 
@@ -215,9 +219,12 @@ class StageEngine:
         in_block = moe is not None and last.startswith("mlp.")
         hooks.append(moe.register_forward_hook(stop) if in_block
                      else layer.get_submodule(last).register_forward_pre_hook(stop))
-        if moe is not None:  # experts run on every token only where their own inputs are captured (down_proj)
-            moe.all_experts = self.qcfg.moe_all_experts and any(
-                u[0].startswith("mlp.experts.") and len(u) == 1 for g in groups for u in g)
+        down_units = [u for g in groups for u in g if u[0].startswith("mlp.experts.") and len(u) == 1]
+        if moe is not None and down_units:  # experts run on every token only where their own inputs are captured
+            moe.all_experts = mode == "all" or (mode == "auto" and not expert_tokens)
+            if mode == "auto" and expert_tokens:  # too few routed tokens for a full-rank down_proj Hessian
+                width = layer.get_submodule(down_units[0][0]).in_features
+                moe.all_token_experts = frozenset(e for e, n in enumerate(expert_tokens) if n < width)
         self._tokens = 0  # real tokens in this pass: what an expert's Hessian share is measured against
         try:
             for h in handles:
@@ -231,7 +238,11 @@ class StageEngine:
             for hook_handle in hooks:
                 hook_handle.remove()
             if moe is not None:
-                moe.all_experts = False
+                moe.all_experts, moe.all_token_experts = False, frozenset()
+        if shared is not None and mode == "auto":  # too few routed tokens for a full-rank Hessian: every token
+            for unit, acc in list(accs.items()):
+                if _expert_input_unit(unit) and acc.count < acc.xtx.shape[0]:
+                    accs[unit] = shared
         return accs
 
     def _solve_group(self, layer: nn.Module, group: tuple[Unit, ...], accs: dict[Unit, HessianAccumulator],
@@ -304,7 +315,7 @@ class LayerWork:
             u[0].startswith("mlp.") for g in pass_groups for u in g)
         if counting:
             moe.routed_tokens = None
-        accs = self.engine._capture(self.layer, pass_groups, handles)
+        accs = self.engine._capture(self.layer, pass_groups, handles, self.report.expert_tokens)
         if counting:
             self.report.expert_tokens = [int(t) for t in (moe.routed_tokens if moe.routed_tokens is not None
                                                           else torch.zeros(moe.num_experts))]

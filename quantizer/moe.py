@@ -7,9 +7,9 @@ renormalisation) and, when calibrating:
 
 - runs on the batch's real tokens only (`token_mask`; padding never reaches an expert's Hessian),
 - counts the tokens routed to each expert (`routed_tokens`),
-- with `all_experts` set, runs every expert on every token — so each expert's Hessian sees the whole
-  layer input — while the block's output still sums only the routed experts, weighted by the router,
-  so later layers see the model's real activations.
+- runs the experts in `all_token_experts` (every one, with `all_experts`) on every token — so their
+  Hessians see the whole layer input — while the block's output still sums only the routed experts,
+  weighted by the router, so later layers see the model's real activations.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class SparseMoe(nn.Module):
             setattr(self, layout.shared_expert, ExpertMLP(hidden, width, act, ("gate_proj", "up_proj", "down_proj")))
             setattr(self, layout.shared_expert_gate, nn.Linear(hidden, 1, bias=False))
         self.all_experts = False  # calibration: every expert runs on every token (outputs still routed)
+        self.all_token_experts: frozenset[int] = frozenset()  # calibration: these experts run on every token
         self.token_mask: torch.Tensor | None = None  # [B, T] real tokens while calibrating; None = all
         self.routed_tokens: torch.Tensor | None = None  # [E] tokens routed to each expert while calibrating
 
@@ -88,10 +89,11 @@ class SparseMoe(nn.Module):
         if self.token_mask is not None:
             self.routed_tokens = hit if self.routed_tokens is None else self.routed_tokens + hit
         for e, expert in enumerate(self.experts):
-            if hit[e] == 0 and not self.all_experts:
+            everything = self.all_experts or e in self.all_token_experts
+            if hit[e] == 0 and not everything:
                 continue
             top_k_pos, token_idx = torch.where((selected == e).T)
-            if self.all_experts:
+            if everything:
                 y = expert(x)[token_idx]
             else:
                 y = expert(x[token_idx])

@@ -97,7 +97,7 @@ def test_expert_count_under_either_config_key(moe_models, tmp_path):
 
 
 def test_every_expert_sees_every_token_while_outputs_follow_the_router(moe_models):
-    eng = engine(moe_models["qwen3_moe"])
+    eng = engine(moe_models["qwen3_moe"], moe_calibration="all")
     tokens = batch()
     chunk = eng.embed(tokens)
     real = int(tokens.mask.sum())
@@ -113,13 +113,28 @@ def test_every_expert_sees_every_token_while_outputs_follow_the_router(moe_model
     assert not report.expert_fallbacks
 
 
+@pytest.mark.parametrize("rows,length", [(4, 32), (16, 64)])
+def test_auto_calibration_gives_short_experts_every_token(moe_models, rows, length):
+    """auto: an expert's own routed tokens when they are at least as many as the projection's inputs (hidden
+    128 for gate/up, width 64 for down), every token otherwise."""
+    eng = engine(moe_models["qwen3_moe"])
+    tokens = batch(rows=rows, length=length)
+    real = int(tokens.mask.sum())
+    (report,) = [e for e in eng.quantize([eng.embed(tokens)]) if isinstance(e, LayerReport)]
+    for e, routed in enumerate(report.expert_tokens):
+        assert report.hessian_tokens[f"mlp.experts.{e}.gate_proj"] == (routed if routed >= 128 else real)
+        assert report.hessian_tokens[f"mlp.experts.{e}.down_proj"] == (routed if routed >= 64 else real)
+    if rows == 4:  # ~28 routed tokens each: every expert falls short
+        assert set(report.hessian_tokens.values()) == {real}
+
+
 def test_routed_only_calibration_and_rare_experts_fall_back(moe_models, caplog):
     """Routed-only: each expert's Hessian holds its routed tokens; one below moe_min_token_fraction of the
     layer's tokens is rounded to nearest, named in the report and the log."""
     from quantizer.packing import pack_result
     from quantizer.rtn import rtn_quantize
 
-    eng = engine(moe_models["qwen3_moe"], moe_all_experts=False, moe_min_token_fraction=0.1)
+    eng = engine(moe_models["qwen3_moe"], moe_calibration="routed", moe_min_token_fraction=0.1)
     tokens = batch()
     with caplog.at_level(logging.WARNING, logger="quantizer.engine"):
         (report,) = [e for e in eng.quantize([eng.embed(tokens)]) if isinstance(e, LayerReport)]
