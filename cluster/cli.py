@@ -118,7 +118,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--schedule", choices=["auto", "sequential", "pipelined", "data_parallel"])
     p.add_argument("--workers", type=int, help="data-parallel workers")
     p.add_argument("--worker-tflops", type=float, help="assumed TFLOP/s of one worker for the phase estimate "
-                   "(default 200 on GPUs, 0.1 on CPUs)")
+                   "(default 200 on GPUs, 0.2 on CPUs: 2 fp32 threads as measured here)")
     p.add_argument("--link-gbps", type=float, default=10.0, help="assumed GB/s between workers (default 10)")
 
 
@@ -173,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     plans = plan_stages(job_sizes(reader, job, intermediate, tokens), stages, default_budget(job))
     print(describe(plans))
     workers = job.resources.workers if schedule == "data_parallel" else 1
-    flops = (args.worker_tflops or (200 if job.resources.gpus_per_stage else 0.1)) * 1e12
+    flops = (args.worker_tflops or (200 if job.resources.gpus_per_stage else 0.2)) * 1e12
     sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(reader.config, i)]
     estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate,
                                job.calibration.num_samples * job.calibration.max_len, workers, job.quant.bits, flops,
