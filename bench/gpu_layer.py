@@ -155,7 +155,7 @@ def decode_rows(config: dict, device: str, new_tokens: int) -> list[dict]:
     arch = get_architecture("qwen2")
     qcfg = QuantConfig(bits=4, group_size=128)
     for i in range(config["num_hidden_layers"]):
-        for name in arch.linear_names:
+        for name in arch.linear_names(model.config, i):
             full = f"{arch.layer_prefix(i)}.{name}"
             linear = model.get_submodule(full)
             packed = pack_result(rtn_quantize(linear.weight.detach().float(), qcfg), 4)
