@@ -8,7 +8,7 @@ shipped Wikipedia text (≤ 512 tokens) and evaluated on the shipped gensim Wiki
 tokens). Also the per-layer wall with 1 and 2 solve workers, on that model and on a wider random MoE
 (hidden 2048, 16 experts of width 2048) where the expert solves weigh as much as the calibration passes.
 
-Usage: python -m bench.moe_quality [--model upcycled|trained] [--windows 32] [--no-workers]
+Usage: python -m bench.moe_quality [--model upcycled|trained] [--windows 32] [--no-workers | --workers-only]
 (needs the interop extra; ~90 min for the upcycled model)
 """
 
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["upcycled", "trained"], default="upcycled")
     parser.add_argument("--train-minutes", type=float, default=8.0)
     parser.add_argument("--no-workers", action="store_true", help="skip the solve-workers timing")
+    parser.add_argument("--workers-only", action="store_true", help="only the solve-workers timing")
     parser.add_argument("--runs", default=",".join([*RUNS, "gptqmodel"]),
                         help="which rows to (re)measure, comma-separated; the others are kept from the last results")
     args = parser.parse_args()
@@ -96,12 +97,21 @@ def main() -> None:
         about = (f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
                  f"({training['seconds']:.0f} s; bench/train_moe.py)")
         table = "moe_quality_trained"
-    wanted = args.runs.split(",")
+    if not args.workers_only:
+        quality_rows(float_dir, about, table, args.runs.split(","), args.windows)
+    if not args.no_workers:
+        solve_worker_rows(float_dir, "upcycled SmolLM2 (hidden 576, 8 × 1536 experts)" if args.model == "upcycled"
+                          else "trained (hidden 256, 16 × 256 experts)")
+
+
+def quality_rows(float_dir: Path, about: str, table: str, wanted: list[str], windows: int) -> None:
+    """Perplexity of float, every rayquant setting in `wanted` and GPTQModel at int4 and int3; other rows are kept
+    from the last results. Writes `table`.*"""
     kept = {r["setting"]: r for r in _previous(table)}
-    rows = [{"setting": "float (fp16 weights)", "perplexity": perplexity(str(float_dir), args.windows)}]
+    rows = [{"setting": "float (fp16 weights)", "perplexity": perplexity(str(float_dir), windows)}]
     meta = {"model": about,
             "quantization": "g64 sym, group-aware order (no act-order)",
-            "calibration": "128 shipped Wikipedia samples ≤ 512 tokens", "eval": f"{args.windows}×512 tokens",
+            "calibration": "128 shipped Wikipedia samples ≤ 512 tokens", "eval": f"{windows}×512 tokens",
             "machine": "2 CPU cores"}
     columns = ["setting", "perplexity", "quantize_s", "layers_s", "fallback_experts", "min_expert_tokens"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +125,7 @@ def main() -> None:
                                   *settings(bits), *flags)
                 report = json.loads((Path(out) / "quantize_report.json").read_text())
                 layers = [r for s in report["stages"] for r in s["layer_reports"]]
-                rows.append({"setting": f"int{bits} rayquant {label}", "perplexity": perplexity(out, args.windows),
+                rows.append({"setting": f"int{bits} rayquant {label}", "perplexity": perplexity(out, windows),
                              "quantize_s": wall, "layers_s": sum(r["seconds"] for r in layers),
                              "fallback_experts": sum(len(r["expert_fallbacks"]) for r in layers),
                              "min_expert_tokens": min(min(r["expert_tokens"]) for r in layers)})
@@ -125,31 +135,35 @@ def main() -> None:
                 continue
             out = Path(tmp) / f"int{bits}-gptqmodel"
             wall = gptqmodel_quantize(float_dir, out, bits)
-            rows.append({"setting": f"int{bits} {GPTQMODEL}", "perplexity": perplexity(str(out), args.windows),
+            rows.append({"setting": f"int{bits} {GPTQMODEL}", "perplexity": perplexity(str(out), windows),
                          "quantize_s": wall})
             write_results(table, rows, columns, meta)
-        if args.no_workers:
-            return
+
+
+def solve_worker_rows(float_dir: Path, label: str) -> None:
+    """Per-layer wall with the expert solves on 1 and 2 processes (1 thread each): on `float_dir` and on a wider
+    random MoE where the solves weigh as much as the calibration passes. Writes moe_solve_workers.*"""
+    workers = []
+    with tempfile.TemporaryDirectory() as tmp:
         wide = write_tiny_moe(Path(tmp) / "wide", "qwen3_moe", layers=2, hidden=2048, intermediate=2048,
                               num_experts=16, moe_intermediate_size=2048)
-        workers = []
-        for model, label, calibration in ((float_dir, "trained (hidden 256, 16 × 256 experts)", CALIBRATION),
+        for model, label, calibration in ((float_dir, label, CALIBRATION),
                                           (wide, "random (hidden 2048, 16 × 2048 experts)",
                                            ["--num-samples", "8", "--max-len", "256"])):
             for n in (1, 2):  # the expert solves on 1 and 2 processes, 1 thread each
                 out = str(Path(tmp) / f"workers{n}-{model.name}")
                 _, wall = run_cli("quantize", "--model", str(model), "--out", out, "--stages", "1",
                                   "--cpus-per-stage", "1", "--solve-workers", str(n), "--bits", "4", "--group-size",
-                                  "64", "--sym", "--no-desc-act", *calibration)
+                                  "64", "--sym", "--no-desc-act", "--moe-calibration", "all", *calibration)
                 report = json.loads((Path(out) / "quantize_report.json").read_text())
                 layers = [r for s in report["stages"] for r in s["layer_reports"]]
                 workers.append({"model": label, "solve_workers": n, "quantize_s": wall,
                                 "per_layer_s": sum(r["seconds"] for r in layers) / len(layers)})
             workers[-1]["speedup"] = workers[-2]["per_layer_s"] / workers[-1]["per_layer_s"]
             workers[-2]["speedup"] = 1.0
-        write_results("moe_solve_workers", workers, ["model", "solve_workers", "per_layer_s", "speedup", "quantize_s"],
-                      {"machine": "2 CPU cores", "threads": "1 per worker (the stage + Ray tasks)",
-                       "settings": "int4 g64 sym, every expert on every token"})
+    write_results("moe_solve_workers", workers, ["model", "solve_workers", "per_layer_s", "speedup", "quantize_s"],
+                  {"machine": "2 CPU cores", "threads": "1 per worker (the stage + Ray tasks)",
+                   "settings": "int4 g64 sym, every expert on every token"})
 
 
 if __name__ == "__main__":

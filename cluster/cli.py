@@ -20,6 +20,7 @@ _QUANTIZE_FLAGS = {
     "pad_intermediate_to": "quant.pad_intermediate_to", "moe_calibration": "quant.moe_calibration",
     "moe_min_token_fraction": "quant.moe_min_token_fraction", "moe_fallback": "quant.moe_fallback",
     "solve_workers": "resources.solve_workers", "workers": "resources.workers",
+    "transport": "resources.transport",
     "num_samples": "calibration.num_samples", "max_len": "calibration.max_len",
     "batch_size": "calibration.batch_size", "seed": "calibration.seed",
     "cpus_per_stage": "resources.cpus_per_stage", "gpus_per_stage": "resources.gpus_per_stage",
@@ -88,6 +89,9 @@ def _add_quantize(sub) -> None:
                    "data_parallel (exact, every worker on every layer with 1/W of the data); auto (default): "
                    "data_parallel when --workers > 1, else sequential")
     r.add_argument("--workers", type=int, help="data-parallel workers W (one per GPU, or per --cpus-per-stage CPUs)")
+    r.add_argument("--transport", choices=["auto", "object_store", "collective"],
+                   help="how data-parallel workers exchange Hessians and results: Ray's object store, or a "
+                   "torch.distributed group (NCCL on GPUs, gloo on CPUs); auto (default): collective on GPUs")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     r.add_argument("--cpus-per-stage", type=int)
     r.add_argument("--gpus-per-stage", type=float)
@@ -117,6 +121,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--gpus-per-stage", type=float, help="1: plan for GPU stages (layers in the checkpoint dtype)")
     p.add_argument("--schedule", choices=["auto", "sequential", "pipelined", "data_parallel"])
     p.add_argument("--workers", type=int, help="data-parallel workers")
+    p.add_argument("--transport", choices=["auto", "object_store", "collective"])
     p.add_argument("--worker-tflops", type=float, help="assumed TFLOP/s of one worker for the phase estimate "
                    "(default 200 on GPUs, 0.2 on CPUs: 2 fp32 threads as measured here)")
     p.add_argument("--link-gbps", type=float, default=10.0, help="assumed GB/s between workers (default 10)")
@@ -179,7 +184,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
                                job.calibration.num_samples * job.calibration.max_len, workers, job.quant.bits, flops,
                                args.link_gbps * 1e9, job.quant.moe_calibration == "all")
     if schedule == "data_parallel":
-        print(describe_phases(estimate, reader.num_layers, workers, flops, args.link_gbps * 1e9))
+        print(describe_phases(estimate, reader.num_layers, workers, flops, args.link_gbps * 1e9,
+                              job.resources.resolved_transport))
     else:
         print(f"schedule: {schedule}, {len(plans)} stage(s); the same "
               f"phases on one worker at a time: about {reader.num_layers * estimate.total_s / 60:.0f} min "

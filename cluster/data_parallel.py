@@ -19,6 +19,7 @@ import ray
 from cluster.dp_worker import DataParallelWorker
 from cluster.progress import JobProgress, StageProgress
 from cluster.recovery import Recovery, actor_lost, wait_until_restarted
+from rayquant.ray_private import actor_state
 from quantizer.activations import TokenBatch
 from quantizer.architectures import Unit
 from quantizer.calibration import make_batches
@@ -60,8 +61,9 @@ class DataParallelRun:
     """Drives W DataParallelWorker actors through every layer; the driver's part of the schedule."""
 
     def __init__(self, reader: CheckpointReader, model, qcfg, layers_url: str, shares: list[list[TokenBatch]],
-                 threads: int, gpus: float, max_restarts: int) -> None:
+                 threads: int, gpus: float, max_restarts: int, transport: str) -> None:
         self.reader, self.qcfg, self.shares = reader, qcfg, shares
+        self.collective = transport == "collective"  # else the object store
         self.layer_store = FolderLayerStore(Location(layers_url))
         self.world = len(shares)
         self.workers = [DataParallelWorker.options(num_cpus=threads, num_gpus=gpus, max_restarts=max_restarts,
@@ -73,7 +75,8 @@ class DataParallelRun:
 
     def run(self, done: list[int], progress: StageProgress, overall: JobProgress) -> None:
         """Quantize (or replay, when finished earlier) every layer."""
-        ray.get([w.pid.remote() for w in self.workers])  # all up: start-up errors surface here
+        self.pids = ray.get([w.pid.remote() for w in self.workers])  # all up: start-up errors surface here
+        self._form_group()
         ray.get([w.load_batches.remote(share) for w, share in zip(self.workers, self.shares)])
         overall.activity = f"{self.world} data-parallel workers up"
         index = 0
@@ -107,27 +110,21 @@ class DataParallelRun:
             progress.update(StagePhase(index, f"calibration forward on {self.world} workers (pass {p + 1}/"
                                               f"{len(passes)})"))
             owners = assign_units(self.reader, index, pass_groups, self.world)
-            t0 = time.perf_counter()
-            partials = [w.capture.options(num_returns=self.world).remote(p, owners) for w in self.workers]
-            if self.world == 1:
-                partials = [[ref] for ref in partials]
-            meta = ray.get([parts[0] for parts in partials])  # every worker's first part: its timings, tokens
+            meta = ray.get([w.capture.remote(p, report.expert_tokens) for w in self.workers])
             phase["forward_s"] += max(m["forward_s"] for m in meta)
             phase["hessian_s"] += max(m["hessian_s"] for m in meta)
-            phase["hessian_bytes"] += sum(m["hessian_bytes_sent"] for m in meta)
-            if any(m["expert_tokens"] for m in meta) and not report.expert_tokens:
+            if not report.expert_tokens and any(m["expert_tokens"] for m in meta):
                 report.expert_tokens = [sum(col) for col in zip(*(m["expert_tokens"] for m in meta))]
+            routed = {unit: sum(m["routed"][unit] for m in meta) for unit in meta[0]["routed"]}
+            tokens = sum(m["tokens"] for m in meta)
             progress.update(StagePhase(index, f"reducing and solving {len(owners)} unit(s) on "
                                               f"{len(set(owners.values()))} worker(s)"))
-            t1 = time.perf_counter()
-            owner_refs = [self.workers[r].solve.remote(p, *[parts[r] for parts in partials]) for r in range(self.world)]
-            outputs = ray.get(owner_refs)
-            t2 = time.perf_counter()
-            phase["reduce_s"] += max(o["reduce_s"] for o in outputs)
-            phase["solve_s"] += max(o["solve_s"] for o in outputs)
+            outputs = (self._exchange_collective if self.collective else self._exchange_object_store)(
+                p, owners, routed, tokens)
+            for key in ("reduce_s", "solve_s", "broadcast_s"):
+                phase[key] += max(o[key] for o in outputs)
+            phase["hessian_bytes"] += sum(o["hessian_bytes_sent"] for o in outputs)
             phase["result_bytes"] += sum(o["result_bytes_sent"] for o in outputs)
-            ray.get([w.apply.remote(*owner_refs) for w in self.workers])  # broadcast, in owner order
-            phase["broadcast_s"] += time.perf_counter() - t2
             for output in outputs:
                 for name, result in output["results"]:
                     report.losses[name] = result.loss
@@ -135,7 +132,6 @@ class DataParallelRun:
                         report.cholesky_fallbacks[name] = result.cholesky_fallback
                 report.hessian_tokens.update(output["hessian_tokens"])
                 report.expert_fallbacks.update(output["expert_fallbacks"])
-            log.debug("layer %d pass %d: capture %.2f s, reduce+solve %.2f s", index, p, t1 - t0, t2 - t1)
         progress.update(StagePhase(index, "forward through the quantized layer"))
         report.finished = time.time()
         report.seconds = time.perf_counter() - wall
@@ -146,28 +142,77 @@ class DataParallelRun:
         self.phases.append(phase)
         progress.update(report)
 
+    def _exchange_object_store(self, p: int, owners: dict[Unit, int], routed: dict[Unit, int], tokens: int
+                               ) -> list[dict[str, Any]]:
+        """Partials to their owners and results to every worker through Ray's object store."""
+        parts = [w.partials.options(num_returns=self.world + 1).remote(owners, routed) for w in self.workers]
+        sent = ray.get([worker_parts[-1] for worker_parts in parts])
+        owner_refs = [self.workers[r].solve.remote(p, tokens, *[worker_parts[r] for worker_parts in parts])
+                      for r in range(self.world)]
+        outputs = ray.get(owner_refs)
+        start = time.perf_counter()
+        ray.get([w.apply.remote(*owner_refs) for w in self.workers])  # broadcast, in owner order
+        broadcast_s = time.perf_counter() - start
+        for output, hessian_bytes in zip(outputs, sent):
+            output.update(hessian_bytes_sent=hessian_bytes, broadcast_s=broadcast_s)
+        return outputs
+
+    def _exchange_collective(self, p: int, owners: dict[Unit, int], routed: dict[Unit, int], tokens: int
+                             ) -> list[dict[str, Any]]:
+        """The workers exchange partials and results among themselves (torch.distributed)."""
+        return _get_all([w.exchange.remote(p, owners, routed, tokens) for w in self.workers])
+
+    def _form_group(self) -> None:
+        """Collective transport: every worker joins the group at the address worker 0 offers."""
+        if self.collective:
+            address = ray.get(self.workers[0].rendezvous.remote())
+            _get_all([w.join_group.remote(address) for w in self.workers])
+
+    def _lost_ranks(self) -> list[int]:
+        """Workers whose process is gone: dead, restarting, or already restarted (another pid). Under the
+        collective transport a worker that does not answer is waiting on the group: alive, not lost."""
+        lost = []
+        for rank, worker in enumerate(self.workers):
+            try:
+                if ray.get(worker.pid.remote(), timeout=10) != self.pids[rank]:
+                    lost.append(rank)
+            except ray.exceptions.RayActorError:
+                lost.append(rank)
+            except ray.exceptions.GetTimeoutError:
+                if not self.collective or actor_state(worker) != "ALIVE":
+                    lost.append(rank)
+        return lost
+
     def _recover(self, exc: BaseException, index: int) -> int:
         """A worker died (its node, or its process) during layer `index`: wait for Ray to restart it, then
         bring every worker to the inputs of the first layer not checkpointed yet — the restarted one by
         replaying the finished layers on its sequences, one that went past it by starting over — and return
-        that layer, which every worker then quantizes again."""
-        if not actor_lost(exc):
+        that layer, which every worker then quantizes again. Under the collective transport the group dies
+        with any of its members: every worker is restarted and the group formed anew."""
+        lost = self._lost_ranks() if actor_lost(exc) or self.collective else []
+        if not lost:
             raise exc
-        lost = [r for r, w in enumerate(self.workers) if not _alive(w)]
-        for rank in lost:
-            if self.budget[rank] == 0:
-                raise exc
+        restart = list(range(self.world)) if self.collective else lost
+        if any(self.budget[rank] == 0 for rank in restart):
+            raise exc
+        for rank in restart:
             self.budget[rank] -= 1
-            self.recoveries.append(Recovery(rank, type(exc).__name__, True, time.time()))
-            log.warning("data-parallel worker %d lost during layer %d (%s); restarting it and replaying the finished "
-                        "layers on its sequences", rank, index, type(exc).__name__)
+            if rank in lost:
+                self.recoveries.append(Recovery(rank, type(exc).__name__, True, time.time()))
+                log.warning("data-parallel worker %d lost during layer %d (%s); restarting it and replaying the "
+                            "finished layers on its sequences", rank, index, type(exc).__name__)
+            else:  # waiting on the broken group: a new process joins the new one
+                ray.kill(self.workers[rank], no_restart=False)
+        for rank in restart:
             wait_until_restarted(self.workers[rank], rank)
+        self.pids = ray.get([w.pid.remote() for w in self.workers])
+        self._form_group()
         saved = set(self.layer_store.done())
         target = index + 1 if index in saved else index
         positions = ray.get([w.at_layer.remote() for w in self.workers])
         replays = []
         for rank, (worker, position) in enumerate(zip(self.workers, positions)):
-            if rank in lost or position > target:
+            if rank in restart or position > target:
                 ray.get(worker.load_batches.remote(self.shares[rank]))
                 position = 0
             replays += [worker.replay.remote(layer) for layer in range(position, target)]
@@ -189,9 +234,10 @@ class DataParallelRun:
             ray.kill(worker)
 
 
-def _alive(worker) -> bool:
-    try:
-        ray.get(worker.pid.remote(), timeout=10)
-        return True
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return False
+def _get_all(refs: list) -> list:
+    """ray.get of every ref, raising as soon as one fails (its peers may then wait on a broken group)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)

@@ -242,7 +242,8 @@ class Driver:
         """Every worker on every layer, each with its share of the calibration; then each writes a shard."""
         job = self.job
         self.dp = DataParallelRun(self.reader, self.model, job.quant, layers_folder(self.target.work).url,
-                                  self.shares, cpus, job.resources.gpus_per_stage, job.resources.max_restarts)
+                                  self.shares, cpus, job.resources.gpus_per_stage, job.resources.max_restarts,
+                                  job.resources.resolved_transport)
         self.recoveries = self.dp.recoveries
         try:
             self.dp.run(list(done), progress[0], overall)
@@ -409,8 +410,12 @@ class Driver:
 
     def _dp_report(self) -> dict[str, Any]:
         phases = self.dp.phases
-        return {"workers": self.dp.world, "transport": "Ray object store (Hessian partials to owners, results to "
-                "every worker; activations never leave their worker)",
+        transport = self.job.resources.resolved_transport
+        how = ("torch.distributed " + ("NCCL" if self.job.resources.gpus_per_stage > 0 else "gloo")
+               if transport == "collective" else "Ray object store")
+        return {"workers": self.dp.world, "transport": transport,
+                "transport_detail": f"{how}: Hessian partials to their owners, results to every worker; "
+                                    "activations never leave their worker",
                 "sequences_per_worker": [sum(len(b.input_ids) for b in share) for share in self.shares],
                 "per_layer": phases,
                 "totals_s": {k: round(sum(p[k] for p in phases), 3) for k in

@@ -15,6 +15,7 @@ from quantizer.errors import ConfigError
 from quantizer.settings import build_settings, read_yaml_mapping
 
 SCHEDULES = ("auto", "sequential", "pipelined", "data_parallel")
+TRANSPORTS = ("auto", "object_store", "collective")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class ResourceConfig:
     workers: int = 1  # data-parallel workers (one per GPU, or per cpus_per_stage CPUs), each with 1/W of the data
     solve_workers: int = 1  # processes solving a layer's units (MoE experts): the stage + N-1 Ray tasks, each
     #                         with the stage's CPUs / GPUs
+    transport: str = "auto"  # data_parallel exchanges: object_store (Ray's), collective (torch.distributed: NCCL
+    #                          on GPUs, gloo on CPUs); auto = collective on GPUs, object_store on CPUs
 
     def __post_init__(self) -> None:
         if self.cpus_per_stage < 0:
@@ -39,6 +42,14 @@ class ResourceConfig:
             raise ConfigError("resources.workers must be at least 1")
         if self.solve_workers < 1:
             raise ConfigError("resources.solve_workers must be at least 1 (1 = the stage solves alone)")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"resources.transport {self.transport!r} is unknown; use one of {TRANSPORTS}")
+
+    @property
+    def resolved_transport(self) -> str:
+        if self.transport == "auto":
+            return "collective" if self.gpus_per_stage > 0 else "object_store"
+        return self.transport
 
 
 @dataclass(frozen=True)

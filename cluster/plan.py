@@ -244,11 +244,11 @@ def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tok
 
 
 def describe_phases(estimate: PhaseEstimate, layers: int, workers: int, worker_flops: float,
-                    link_bytes_per_s: float) -> str:
+                    link_bytes_per_s: float, transport: str) -> str:
     e = estimate
     return "\n".join([
-        f"schedule: data_parallel, {workers} worker(s); assumed {worker_flops / 1e12:g} TFLOP/s per worker, "
-        f"{link_bytes_per_s / 1e9:g} GB/s between workers",
+        f"schedule: data_parallel, {workers} worker(s), transport {transport}; assumed {worker_flops / 1e12:g} "
+        f"TFLOP/s per worker, {link_bytes_per_s / 1e9:g} GB/s between workers",
         f"  per layer: forward {e.forward_s:.1f} s, Hessians {e.hessian_s:.1f} s, reduce {e.reduce_s:.1f} s "
         f"({human(e.hessian_bytes)}), solve {e.solve_s:.1f} s, broadcast {e.broadcast_s:.1f} s "
         f"({human(e.result_bytes)}) = {e.total_s:.1f} s",

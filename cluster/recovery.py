@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import ray
 
 from quantizer.errors import ConfigError
+from rayquant.ray_private import actor_state
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,6 @@ class Recovery:
     error: str  # the Ray error type
     inputs_rebuilt: bool  # the stage's input activations were lost and recomputed
     at: float  # wall-clock time (time.time())
-
-
-def actor_state(actor) -> str:
-    """ALIVE, RESTARTING, DEAD, … as the GCS records it."""
-    return ray._private.state.actors(actor._actor_id.hex()).get("State", "UNKNOWN")
 
 
 def wait_until_restarted(actor, stage: int, timeout_s: float = 600) -> None:

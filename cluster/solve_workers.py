@@ -9,6 +9,7 @@ put into the object store once, not sent with every task.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -37,13 +38,17 @@ class RaySolver:
     def solve(self, jobs: Iterable[SolveJob], cfg: QuantConfig) -> Iterator[tuple[SolveJob, QuantResult]]:
         """A job goes to a free Ray slot, or else is solved here at once; finished results are handed back
         in job order as soon as every earlier one is done."""
-        facts: dict[int, ray.ObjectRef] = {}
+        # id(factorization) → (a weak reference to it, its object ref). A freed factorization's id can be
+        # reused by a new one, which must not find the old ref: entries of freed ones are dropped (which also
+        # unpins their copies in the object store).
+        facts: dict[int, tuple[weakref.ref, ray.ObjectRef]] = {}
         pending: deque[list] = deque()  # [job, ref (remote) or None, result (solved here) or None]
         for job in jobs:
+            facts = {key: entry for key, entry in facts.items() if entry[0]() is not None}
             if sum(entry[1] is not None for entry in pending) < self.remote_slots:
                 if job.fact is not None and id(job.fact) not in facts:
-                    facts[id(job.fact)] = ray.put(job.fact)
-                fact = facts[id(job.fact)] if job.fact is not None else None
+                    facts[id(job.fact)] = (weakref.ref(job.fact), ray.put(job.fact))
+                fact = facts[id(job.fact)][1] if job.fact is not None else None
                 pending.append([job, self.task.remote(dataclasses.replace(job, fact=None), fact, cfg, self.threads),
                                 None])
                 self.remote_jobs += 1

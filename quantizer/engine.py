@@ -104,6 +104,7 @@ class StageEngine:
         self._mask: torch.Tensor | None = None
         self._embed: nn.Embedding | None = None
         self._tokens = 0  # real tokens of the last capture pass
+        self.block_input: HessianAccumulator | None = None  # moe_calibration auto: the last pass's block input
         self.hessian_seconds = 0.0  # time spent adding to Hessians, all passes so far
 
     # ---- inputs -----------------------------------------------------------------------------------
@@ -239,10 +240,7 @@ class StageEngine:
                 hook_handle.remove()
             if moe is not None:
                 moe.all_experts, moe.all_token_experts = False, frozenset()
-        if shared is not None and mode == "auto":  # too few routed tokens for a full-rank Hessian: every token
-            for unit, acc in list(accs.items()):
-                if _expert_input_unit(unit) and acc.count < acc.xtx.shape[0]:
-                    accs[unit] = shared
+        self.block_input = shared if mode == "auto" else None  # the every-token option LayerWork.settle weighs
         return accs
 
     def _solve_group(self, layer: nn.Module, group: tuple[Unit, ...], accs: dict[Unit, HessianAccumulator],
@@ -308,8 +306,11 @@ class LayerWork:
         self.passes = [[g] for g in groups] if engine.qcfg.true_sequential else [list(groups)]
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def capture(self, pass_groups: list[tuple[Unit, ...]], handles: list[Any]) -> dict[Unit, HessianAccumulator]:
-        """The pass's Hessians over `handles`; the first pass through a sparse block counts routed tokens."""
+    def capture(self, pass_groups: list[tuple[Unit, ...]], handles: list[Any], settle: bool = True
+                ) -> dict[Unit, HessianAccumulator]:
+        """The pass's Hessians over `handles`; the first pass through a sparse block counts routed tokens.
+        With `settle=False` (a data-parallel worker, which holds a share of the calibration) the auto
+        calibration's choice for gate/up is left to `settle`, made on the counts of the whole calibration."""
         moe = _sparse_block(self.layer)
         counting = moe is not None and not self.report.expert_tokens and any(
             u[0].startswith("mlp.") for g in pass_groups for u in g)
@@ -319,7 +320,26 @@ class LayerWork:
         if counting:
             self.report.expert_tokens = [int(t) for t in (moe.routed_tokens if moe.routed_tokens is not None
                                                           else torch.zeros(moe.num_experts))]
-        return accs
+        return self.settle(accs) if settle else accs
+
+    def routed_counts(self, accs: dict[Unit, HessianAccumulator]) -> dict[Unit, int]:
+        """{gate/up unit: routed tokens in its Hessian} of the units `settle` decides (auto calibration)."""
+        if self.engine.block_input is None:
+            return {}
+        return {unit: acc.count for unit, acc in accs.items() if _expert_input_unit(unit)}
+
+    def settle(self, accs: dict[Unit, HessianAccumulator], routed: dict[Unit, int] | None = None
+               ) -> dict[Unit, HessianAccumulator]:
+        """moe_calibration auto: an expert's gate/up takes every token (the block input's Hessian) when fewer
+        were routed to it than the projection has inputs (a rank-deficient Hessian). `routed`: {unit: tokens}
+        over the whole calibration (default: this pass's own counts, `routed_counts`)."""
+        shared = self.engine.block_input
+        if shared is None:
+            return accs
+        routed = routed if routed is not None else self.routed_counts(accs)
+        self.engine.block_input = None
+        return {unit: shared if unit in routed and routed[unit] < acc.xtx.shape[0] else acc
+                for unit, acc in accs.items()}
 
     def apply(self, name: str, result: QuantResult) -> None:
         """Use the quantized weights from here on (later passes see them) and keep the packed tensors."""

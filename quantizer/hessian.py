@@ -27,6 +27,13 @@ class HessianAccumulator:
         self.xtx.addmm_(x.t(), x)
         self.count += x.shape[0]
 
+    @classmethod
+    def from_sum(cls, xtx: torch.Tensor, count: int) -> "HessianAccumulator":
+        """An accumulator holding an existing Σ xᵀx ([in, in] float32, taken over, not copied) of `count` tokens."""
+        acc = cls.__new__(cls)
+        acc.xtx, acc.count = xtx, count
+        return acc
+
     def merge(self, other: "HessianAccumulator") -> None:
         self.xtx += other.xtx.to(self.xtx.device)
         self.count += other.count

@@ -9,6 +9,7 @@ import socket
 import ray
 
 from quantizer.errors import ConfigError
+from rayquant.ray_private import metrics_port_option
 
 
 def connect_ray(address: str | None, cpus_needed: int, metrics_port: int = 0) -> bool:
@@ -31,5 +32,5 @@ def connect_ray(address: str | None, cpus_needed: int, metrics_port: int = 0) ->
         return False
     # address="local": always a new Ray owned by this process, never a cluster that happens to run here
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
-             logging_level=logging.WARNING, _metrics_export_port=metrics_port or None)
+             logging_level=logging.WARNING, **metrics_port_option(metrics_port))
     return True

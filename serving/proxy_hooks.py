@@ -28,11 +28,12 @@ from typing import Any
 import grpc
 import ray
 
+from rayquant.ray_private import TESTED_RAY_VERSIONS, untested_ray
+
 log = logging.getLogger("ray.serve")
 HOST_ENV = "RAYQUANT_GRPC_HOST"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 REPLICA_DIED = "the replica serving this call stopped (it died or was replaced); retry the call"
-TESTED_RAY_VERSIONS = ("2.60.0",)
 REGISTRY_NAME, REGISTRY_NAMESPACE = "rayquant_proxy_hooks", "rayquant"
 
 
@@ -50,7 +51,7 @@ def private_api_problem(version: str | None = None) -> str | None:
     """Why the hooks cannot be trusted on this Ray (None: they can): an untested version, or a private
     function they replace that is gone."""
     version = version or ray.__version__
-    if version not in TESTED_RAY_VERSIONS:
+    if untested_ray("the Serve proxy hooks", version):
         return (f"Ray {version} is not a version rayquant's Serve proxy hooks were tested on "
                 f"({', '.join(TESTED_RAY_VERSIONS)}); install ray[serve]=={TESTED_RAY_VERSIONS[-1]}")
     try:

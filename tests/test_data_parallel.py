@@ -1,8 +1,9 @@
 """The data-parallel schedule: W workers each hold the current layer and 1/W of the calibration sequences;
 partial Hessians are summed in worker order by each unit's owner, results go to every worker. One worker
 is the sequential schedule bit for bit; two workers agree with one within float rounding and with
-themselves bit for bit; the report has per-phase times and the bytes moved; impossible worker counts are
-refused before any layer starts."""
+themselves bit for bit, through Ray's object store or a torch.distributed group alike; MoE auto calibration
+decides on the whole calibration's counts; the report has per-phase times and the bytes moved; impossible
+worker counts are refused before any layer starts."""
 
 import json
 
@@ -12,6 +13,7 @@ from cluster.data_parallel import assign_units
 from quantizer.errors import ConfigError
 from quantizer.model_io import CheckpointReader
 from tests.test_pipeline import assert_same_tensors, run_job
+from tests.tiny_models import write_tiny_moe
 
 DP = {"schedule": "data_parallel"}
 
@@ -22,6 +24,8 @@ def runs(tiny_llama, tmp_path_factory, ray_local):
     reports = {"sequential": run_job(tiny_llama, root / "sequential", stages=1)}
     for name, workers in (("w1", 1), ("w2", 2), ("w2-again", 2)):
         reports[name] = run_job(tiny_llama, root / name, **DP, **{"resources.workers": workers})
+    reports["w2-collective"] = run_job(tiny_llama, root / "w2-collective", **DP, **{
+        "resources.workers": 2, "resources.transport": "collective"})
     return root, reports
 
 
@@ -60,6 +64,50 @@ def test_report_has_per_phase_times_and_bytes_moved(runs):
     assert dp["bytes_per_layer"]["hessians"] == (3 * 128 * 128 + 256 * 256) * 4
     assert dp["bytes_per_layer"]["results"] > 0
     assert len({w["pid"] for w in reports["w2"]["stages"][0]["workers"]}) == 2
+
+
+def test_collective_transport_gives_the_object_store_bits(runs):
+    """torch.distributed (gloo here, NCCL on GPUs): partials sent point to point and summed by their owner
+    in worker order, results broadcast owner by owner — the same additions as through the object store."""
+    root, reports = runs
+    assert_same_tensors(root / "w2", root / "w2-collective")
+    store, group = reports["w2"]["data_parallel"], reports["w2-collective"]["data_parallel"]
+    assert (store["transport"], group["transport"]) == ("object_store", "collective")
+    assert group["transport_detail"].startswith("torch.distributed gloo")
+    assert group["bytes_per_layer"]["hessians"] == store["bytes_per_layer"]["hessians"]
+    assert group["bytes_per_layer"]["results"] > 0
+    for layer in group["per_layer"]:
+        assert all(layer[k] > 0 for k in ("forward_s", "hessian_s", "reduce_s", "solve_s", "broadcast_s"))
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory, ray_local):
+    """A tiny Qwen3-MoE (8 experts top-2, gate/up 128 inputs, down 64) on ~576 calibration tokens: about 144
+    routed to each expert in all, so about 72 on each of two workers — the regime where an auto decision
+    made on one worker's share would differ from the whole calibration's."""
+    root = tmp_path_factory.mktemp("dp-moe")
+    model = write_tiny_moe(root / "qwen3-moe", "qwen3_moe")
+    common = {"calibration.max_len": 24, "quant.moe_calibration": "auto"}
+    reports = {"sequential": run_job(model, root / "sequential", stages=1, **common)}
+    for name, extra in (("w1", {"resources.workers": 1}), ("w2", {"resources.workers": 2}),
+                        ("w2-collective", {"resources.workers": 2, "resources.transport": "collective"})):
+        reports[name] = run_job(model, root / name, **DP, **common, **extra)
+    return root, reports
+
+
+def test_moe_auto_calibration_decides_on_the_whole_calibration(moe_runs):
+    root, reports = moe_runs
+    assert_same_tensors(root / "sequential", root / "w1")
+    assert_same_tensors(root / "w2", root / "w2-collective")
+
+    every = reports["w2"]["calibration_tokens"]
+    for layer in (r for s in reports["w2"]["stages"] for r in s["layer_reports"]):
+        routed, held = layer["expert_tokens"], layer["hessian_tokens"]
+        assert sum(routed) == 2 * every  # top-2, counted over both workers' sequences
+        assert any(128 <= n < 256 for n in routed), routed  # experts whose half share falls below 128 inputs
+        for e, n in enumerate(routed):  # routed tokens when the whole calibration gives a full-rank Hessian
+            assert held[f"mlp.experts.{e}.gate_proj"] == (n if n >= 128 else every), (e, n)
+            assert held[f"mlp.experts.{e}.down_proj"] == (n if n >= 64 else every), (e, n)
 
 
 def test_units_are_owned_by_solve_cost(tiny_llama):

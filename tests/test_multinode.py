@@ -140,15 +140,27 @@ def test_pipelined_job_survives_a_worker_node_loss(cluster, six_layers, tmp_path
 DATA_PARALLEL = {"schedule": "data_parallel", "resources.workers": 2}
 
 
-def test_data_parallel_job_survives_losing_a_worker_node(cluster, six_layers, tmp_path):
+@pytest.fixture(scope="module")
+def data_parallel_clean(cluster, six_layers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("multinode") / "dp-clean"
+    _, report = run(six_layers, out, **DATA_PARALLEL)
+    return out, report
+
+
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_data_parallel_job_survives_losing_a_worker_node(cluster, six_layers, data_parallel_clean, tmp_path,
+                                                         transport):
     """Worker 1's node dies after layer 2: its sequences' activations go with it. Ray restarts the worker on
     another node, which replays layers 0-2 on its sequences; layer 3 is redone by both workers and the
-    checkpoint equals a clean run with the same two workers, bit for bit."""
-    _, clean = run(six_layers, tmp_path / "dp-clean", **DATA_PARALLEL)
+    checkpoint equals a clean run with the same two workers, bit for bit. Under the collective transport the
+    group dies with worker 1: worker 0 is restarted too, the group formed anew, and both replay."""
+    clean_out, clean = data_parallel_clean
     assert len({w["node_id"] for w in clean["stages"][0]["workers"]}) == 2 and clean["recoveries"] == []
-    report, record = run_losing_nodes(cluster, six_layers, tmp_path / "dp-killed", layer=2, stages=[1],
-                                      **DATA_PARALLEL)
-    assert_same_tensors(tmp_path / "dp-clean", tmp_path / "dp-killed")
+    out = tmp_path / f"dp-killed-{transport}"
+    report, record = run_losing_nodes(cluster, six_layers, out, layer=2, stages=[1], **DATA_PARALLEL,
+                                      **{"resources.transport": transport})
+    assert_same_tensors(clean_out, out)
     assert [r["stage"] for r in report["recoveries"]] == [1]
+    assert report["data_parallel"]["transport"] == transport
     assert report["stages"][0]["workers"][1]["node_id"] != record["killed"][0]
     assert [r["layer"] for r in report["stages"][0]["layer_reports"]] == list(range(6))

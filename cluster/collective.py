@@ -1,0 +1,126 @@
+"""The data-parallel workers' collective transport: a torch.distributed process group among the Ray actors
+(NCCL between GPUs, gloo between CPU workers), for the two exchanges of each capture pass.
+
+- `reduce_to_owners`: each unit's owner receives every worker's partial Hessian, point to point, and sums
+  them in worker order — the same additions, so the same bits, as the object-store transport, and at most
+  two [in, in] matrices per unit on the owner (a gather would hold W).
+- `broadcast_from_owners`: each owner's results (packed weights) go to every worker, owner by owner.
+
+Every worker walks the same units in the same order, so the sends and receives always pair up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from quantizer.architectures import Unit
+from quantizer.hessian import HessianAccumulator
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting this long for a peer fails (the peer is gone)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rendezvous_address(host: str) -> str:
+    """host:port with a port free on this node, for rank 0 to listen on."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return f"{host}:{sock.getsockname()[1]}"
+
+
+def join(address: str, rank: int, world: int, device: torch.device) -> None:
+    """Join (or re-form, after a restart) the group of `world` workers whose rank 0 listens at `address`."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), init_method=f"tcp://{address}", rank=rank, world_size=world,
+                            timeout=TIMEOUT)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _transfers(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, int]) -> list[tuple[Unit, int]]:
+    """(first unit holding an accumulator, owner) pairs, in the owners' order: units sharing an accumulator
+    (MoE experts calibrated on the block input) move it once per owner."""
+    first: dict[int, Unit] = {}
+    pairs: list[tuple[Unit, int]] = []
+    for unit, owner in owners.items():
+        key = (first.setdefault(id(accs[unit]), unit), owner)
+        if key not in pairs:
+            pairs.append(key)
+    return pairs
+
+
+def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, int], rank: int, world: int
+                     ) -> tuple[dict[Unit, HessianAccumulator], int]:
+    """This worker's partials {unit: accumulator} → the sums of the units it owns (worker order), and the
+    bytes it sent."""
+    sums: dict[Unit, HessianAccumulator] = {}
+    sent = 0
+    transfers = _transfers(accs, owners)
+    plan = [(key, owner, tuple(accs[key].xtx.shape)) for key, owner in transfers]
+    plans: list[Any] = [None] * world
+    dist.all_gather_object(plans, plan)
+    if any(other != plan for other in plans):  # unpaired sends would wait for the timeout: refuse now
+        raise RuntimeError("data-parallel workers disagree on the Hessians to exchange (their capture passes "
+                           "differ); this is a bug in rayquant, please report it with the job file")
+    for key, owner in transfers:
+        acc = accs[key]
+        moves = sum(k == key for k, _ in transfers)  # a shared accumulator still to send must stay unsummed
+        count = torch.tensor([acc.count], dtype=torch.int64, device=acc.xtx.device)
+        if rank != owner:
+            dist.send(acc.xtx, owner)
+            dist.send(count, owner)
+            sent += acc.xtx.numel() * acc.xtx.element_size()  # (the 8-byte count is not counted)
+            continue
+        total: torch.Tensor | None = None
+        tokens = 0
+        for source in range(world):
+            if source == rank:
+                part, n = (acc.xtx.clone() if moves > 1 and source == 0 else acc.xtx), acc.count
+            else:
+                part = torch.empty_like(acc.xtx)
+                dist.recv(part, source)
+                dist.recv(count, source)
+                n = int(count.item())
+            if total is None:
+                total = part  # worker 0's partial is the base of the sum, as in reduce_in_order
+            else:
+                total += part
+            tokens += n
+        sums[key] = HessianAccumulator.from_sum(total, tokens)
+    first = {id(accs[unit]): unit for unit in reversed(list(owners))}
+    mine = {unit: sums[first[id(accs[unit])]] for unit, owner in owners.items() if owner == rank}
+    return mine, sent
+
+
+def broadcast_from_owners(output: Any, rank: int, world: int, device: torch.device) -> tuple[list[Any], int]:
+    """Every worker's `output` (its owned units' results) to every worker, in owner order; returns the W
+    outputs and the bytes this worker sent."""
+    outputs: list[Any] = []
+    sent = 0
+    for owner in range(world):
+        payload = [pickle.dumps(output) if owner == rank else None]
+        size = torch.tensor([len(payload[0]) if owner == rank else 0], dtype=torch.int64, device=device)
+        dist.broadcast(size, owner)
+        buffer = (torch.frombuffer(bytearray(payload[0]), dtype=torch.uint8).to(device) if owner == rank
+                  else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+        dist.broadcast(buffer, owner)
+        if owner == rank:
+            outputs.append(output)
+            sent += int(size.item()) * (world - 1)
+        else:
+            outputs.append(pickle.loads(buffer.cpu().numpy().tobytes()))
+    return outputs, sent
