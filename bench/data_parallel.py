@@ -1,13 +1,15 @@
 """The data-parallel schedule against the sequential one, side by side in one run.
 
 1. The default job (SmolLM2-135M, configs/default.yaml): 2 workers × 1 thread against one sequential stage
-   × 1 thread — wall time and perplexity (32 × 512 tokens).
+   × 1 thread — wall time and perplexity (32 × 512 tokens) — with each transport (Ray's object store, and
+   torch.distributed over gloo: checked to give the same tensors), and two sequential jobs at once: the
+   most two processes get from this machine, the ceiling for any two-worker schedule.
 2. One Qwen2-7B-shaped layer (hidden 3584, MLP 18944, 28/4 heads; random bf16 weights, 16 × 512 calibration
    tokens) with 1 and 2 workers: the time of each phase (forward, Hessian, reduce, solve, broadcast) and
    the bytes moved per layer. (Qwen2-72B's layer does not fit twice in this machine's 24 GiB: its down_proj
    Hessian alone is 3.5 GB per worker.)
 
-Usage: python -m bench.data_parallel [--windows 32]   (~25 min on 2 cores)
+Usage: python -m bench.data_parallel [--windows 32] [--default-job-only]   (~30 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import tempfile
+import threading
 from pathlib import Path
 
 from bench.common import run_cli, write_results
@@ -28,6 +31,10 @@ QWEN2_7B = {**QWEN2_72B, "hidden_size": 3584, "intermediate_size": 18944, "num_a
             "num_key_value_heads": 4}
 SEQUENTIAL = ["--schedule", "sequential", "--stages", "1", "--cpus-per-stage", "1"]
 TWO_WORKERS = ["--schedule", "data_parallel", "--workers", "2", "--cpus-per-stage", "1"]
+DEFAULT_JOB_RUNS = (("default job, sequential, 1 stage × 1 thread", SEQUENTIAL),
+                    ("default job, data_parallel, 2 workers × 1 thread", [*TWO_WORKERS, "--transport", "object_store"]),
+                    ("default job, data_parallel, 2 workers × 1 thread, collective (gloo)",
+                     [*TWO_WORKERS, "--transport", "collective"]))
 
 
 def perplexity(model: str, windows: int) -> float:
@@ -46,25 +53,61 @@ def phase_row(run: str, report: dict, wall: float) -> dict:
     return row
 
 
+def two_jobs_at_once(tmp: Path, alone_s: float) -> dict:
+    """Two sequential 1-thread default jobs started together: what two processes get from this machine's two
+    cores (shared caches and memory bandwidth), the ceiling for any 2-worker schedule. `speedup`: the work of
+    two jobs over the time they took, against one job alone."""
+    walls: list[float] = [0.0, 0.0]
+
+    def job(k: int) -> None:
+        walls[k] = run_cli("quantize", "--config", "configs/default.yaml", "--out", str(tmp / f"concurrent-{k}"),
+                           *SEQUENTIAL)[1]
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"run": "two sequential jobs at once, 1 thread each (the machine's 2-process ceiling)",
+            "quantize_s": max(walls), "speedup": 2 * alone_s / max(walls)}
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    def tensors(d: Path) -> dict:
+        return {k: v for shard in sorted(d.glob("model-*.safetensors")) for k, v in load_file(str(shard)).items()}
+
+    ta, tb = tensors(a), tensors(b)
+    return ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--default-job-only", action="store_true", help="skip the 7B-shaped layer")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for run, flags in (("default job, sequential, 1 stage × 1 thread", SEQUENTIAL),
-                           ("default job, data_parallel, 2 workers × 1 thread", TWO_WORKERS)):
-            out = str(Path(tmp) / run.split(", ")[1])
-            _, wall = run_cli("quantize", "--config", "configs/default.yaml", "--out", out, *flags)
-            report = json.loads((Path(out) / "quantize_report.json").read_text())
-            rows.append({**phase_row(run, report, wall), "perplexity": perplexity(out, args.windows)})
-        rows[1]["speedup"] = rows[0]["quantize_s"] / rows[1]["quantize_s"]
-        rows[1]["ppl_change_pct"] = 100 * (rows[1]["perplexity"] / rows[0]["perplexity"] - 1)
+        outs = []
+        for k, (run, flags) in enumerate(DEFAULT_JOB_RUNS):
+            outs.append(Path(tmp) / f"default-{k}")
+            _, wall = run_cli("quantize", "--config", "configs/default.yaml", "--out", str(outs[-1]), *flags)
+            report = json.loads((outs[-1] / "quantize_report.json").read_text())
+            rows.append({**phase_row(run, report, wall), "perplexity": perplexity(str(outs[-1]), args.windows)})
+        for row in rows[1:]:
+            row["speedup"] = rows[0]["quantize_s"] / row["quantize_s"]
+            row["ppl_change_pct"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
+        rows[2]["same_tensors_as_object_store"] = same_tensors(outs[1], outs[2])
+        rows.append(two_jobs_at_once(Path(tmp), rows[0]["quantize_s"]))
         write_results("data_parallel", rows, ["run", "quantize_s", "layers_s", "speedup", "perplexity",
                                               "ppl_change_pct", "forward_s", "hessian_s", "reduce_s", "solve_s",
-                                              "broadcast_s", "hessian_mb_per_layer", "result_mb_per_layer"],
+                                              "broadcast_s", "hessian_mb_per_layer", "result_mb_per_layer",
+                                              "same_tensors_as_object_store"],
                       {"model": "SmolLM2-135M-Instruct, configs/default.yaml", "machine": "2 CPU cores",
                        "eval": f"{args.windows}×512 tokens"})
+        if args.default_job_only:
+            return
         float_dir = Path(tmp) / "qwen2-7b-shaped"
         writer = multiprocessing.get_context("spawn").Process(target=write_random_checkpoint,
                                                               args=(float_dir, 1, 0, QWEN2_7B))

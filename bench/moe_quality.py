@@ -80,10 +80,14 @@ def main() -> None:
     parser.add_argument("--model", choices=["upcycled", "trained"], default="upcycled")
     parser.add_argument("--train-minutes", type=float, default=8.0)
     parser.add_argument("--no-workers", action="store_true", help="skip the solve-workers timing")
-    parser.add_argument("--workers-only", action="store_true", help="only the solve-workers timing")
+    parser.add_argument("--workers-only", action="store_true",
+                        help="only the solve-workers timing, on the wide random MoE")
     parser.add_argument("--runs", default=",".join([*RUNS, "gptqmodel"]),
                         help="which rows to (re)measure, comma-separated; the others are kept from the last results")
     args = parser.parse_args()
+    if args.workers_only:
+        solve_worker_rows([])
+        return
     if args.model == "upcycled":
         float_dir = upcycle_moe.default_out()
         if not float_dir.exists():
@@ -97,11 +101,10 @@ def main() -> None:
         about = (f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
                  f"({training['seconds']:.0f} s; bench/train_moe.py)")
         table = "moe_quality_trained"
-    if not args.workers_only:
-        quality_rows(float_dir, about, table, args.runs.split(","), args.windows)
+    quality_rows(float_dir, about, table, args.runs.split(","), args.windows)
     if not args.no_workers:
-        solve_worker_rows(float_dir, "upcycled SmolLM2 (hidden 576, 8 × 1536 experts)" if args.model == "upcycled"
-                          else "trained (hidden 256, 16 × 256 experts)")
+        solve_worker_rows([(float_dir, "upcycled SmolLM2 (hidden 576, 8 × 1536 experts)" if args.model == "upcycled"
+                            else "trained (hidden 256, 16 × 256 experts)")])
 
 
 def quality_rows(float_dir: Path, about: str, table: str, wanted: list[str], windows: int) -> None:
@@ -138,32 +141,38 @@ def quality_rows(float_dir: Path, about: str, table: str, wanted: list[str], win
             rows.append({"setting": f"int{bits} {GPTQMODEL}", "perplexity": perplexity(str(out), windows),
                          "quantize_s": wall})
             write_results(table, rows, columns, meta)
+    write_results(table, rows, columns, meta)  # with the rows kept after the last one measured
 
 
-def solve_worker_rows(float_dir: Path, label: str) -> None:
-    """Per-layer wall with the expert solves on 1 and 2 processes (1 thread each): on `float_dir` and on a wider
-    random MoE where the solves weigh as much as the calibration passes. Writes moe_solve_workers.*"""
+def solve_worker_rows(models: list[tuple[Path, str]]) -> None:
+    """Per-layer wall with the expert solves on 1 and 2 processes (1 thread each): on `models` ((dir, label),
+    with the quality runs' calibration) and on a wider random MoE where the solves weigh as much as the
+    calibration passes. Writes moe_solve_workers.*"""
     workers = []
     with tempfile.TemporaryDirectory() as tmp:
         wide = write_tiny_moe(Path(tmp) / "wide", "qwen3_moe", layers=2, hidden=2048, intermediate=2048,
                               num_experts=16, moe_intermediate_size=2048)
-        for model, label, calibration in ((float_dir, label, CALIBRATION),
-                                          (wide, "random (hidden 2048, 16 × 2048 experts)",
-                                           ["--num-samples", "8", "--max-len", "256"])):
+        runs = [(model, label, CALIBRATION, mode) for model, label in models for mode in ("all", "routed")]
+        runs += [(wide, "random (hidden 2048, 16 × 2048 experts)", ["--num-samples", "8", "--max-len", "256"], mode)
+                 for mode in ("all", "routed")]
+        for model, label, calibration, mode in runs:
             for n in (1, 2):  # the expert solves on 1 and 2 processes, 1 thread each
-                out = str(Path(tmp) / f"workers{n}-{model.name}")
+                out = str(Path(tmp) / f"workers{n}-{model.name}-{mode}")
                 _, wall = run_cli("quantize", "--model", str(model), "--out", out, "--stages", "1",
                                   "--cpus-per-stage", "1", "--solve-workers", str(n), "--bits", "4", "--group-size",
-                                  "64", "--sym", "--no-desc-act", "--moe-calibration", "all", *calibration)
+                                  "64", "--sym", "--no-desc-act", "--moe-calibration", mode, *calibration)
                 report = json.loads((Path(out) / "quantize_report.json").read_text())
                 layers = [r for s in report["stages"] for r in s["layer_reports"]]
-                workers.append({"model": label, "solve_workers": n, "quantize_s": wall,
+                workers.append({"model": label, "calibration": mode, "solve_workers": n, "quantize_s": wall,
                                 "per_layer_s": sum(r["seconds"] for r in layers) / len(layers)})
             workers[-1]["speedup"] = workers[-2]["per_layer_s"] / workers[-1]["per_layer_s"]
             workers[-2]["speedup"] = 1.0
-    write_results("moe_solve_workers", workers, ["model", "solve_workers", "per_layer_s", "speedup", "quantize_s"],
+    write_results("moe_solve_workers", workers, ["model", "calibration", "solve_workers", "per_layer_s", "speedup",
+                                                 "quantize_s"],
                   {"machine": "2 CPU cores", "threads": "1 per worker (the stage + Ray tasks)",
-                   "settings": "int4 g64 sym, every expert on every token"})
+                   "settings": "int4 g64 sym; calibration all: every expert on every token (one shared gate/up "
+                               "factorization, every expert run on every token), routed: each expert on its own "
+                               "tokens (a factorization per expert)"})
 
 
 if __name__ == "__main__":

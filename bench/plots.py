@@ -156,7 +156,8 @@ def _moe_quality(ax, rows: Rows) -> None:
 
 
 def _moe_solve_workers(ax, rows: Rows) -> None:
-    _hbars(ax, [f"{r['model']} · {r['solve_workers']} worker(s)" for r in rows], [r["per_layer_s"] for r in rows],
+    _hbars(ax, [f"{r['model']} · {r.get('calibration', 'all')} · {r['solve_workers']} worker(s)" for r in rows],
+           [r["per_layer_s"] for r in rows],
            "tab:green", "seconds per layer", "MoE expert solves on 1 and 2 workers (1 thread each)")
 
 

@@ -46,9 +46,8 @@ def join(address: str, rank: int, world: int, device: torch.device) -> None:
                             timeout=TIMEOUT)
 
 
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def barrier() -> None:
+    dist.barrier()
 
 
 def _transfers(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, int]) -> list[tuple[Unit, int]]:

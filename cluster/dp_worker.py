@@ -137,6 +137,7 @@ class DataParallelWorker:
         self.bytes_sent += sent
         output = self._solve(pass_index, tokens, accs, time.perf_counter() - start)
         output["hessian_bytes_sent"] = sent
+        collective.barrier()  # every owner has solved: the broadcast's time is then its own, not a wait
         start = time.perf_counter()
         outputs, result_sent = collective.broadcast_from_owners(output["results"], self.rank, self.world,
                                                                self.engine.device)

@@ -118,10 +118,12 @@ def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, token
                        pipelined=job.resolved_schedule == "pipelined", all_experts=job.quant.moe_calibration == "all")
 
 
-def few_tokens_warning(tokens: int, reader: CheckpointReader, intermediate: int) -> str | None:
-    """A warning when the calibration has fewer tokens than the widest projection input: that Hessian is then
-    rank-deficient, and GPTQ fits the calibration text at the expense of other text."""
-    widest = max(int(reader.config.hidden_size), intermediate)
+def few_tokens_warning(tokens: int, reader: CheckpointReader) -> str | None:
+    """A warning when the calibration has fewer tokens than the widest projection input (an MoE layer's: its
+    experts' width, not the unused dense intermediate_size): that Hessian is then rank-deficient, and GPTQ
+    fits the calibration text at the expense of other text."""
+    kinds = {reader.arch.is_sparse(reader.config, i): i for i in range(reader.num_layers)}  # a dense and a sparse
+    widest = max(shape[1] for index in kinds.values() for shape in reader.linear_shapes(index).values())
     if tokens >= widest:
         return None
     return (f"the calibration has {tokens} tokens, fewer than the widest layer input ({widest}): those Hessians are "
@@ -167,7 +169,7 @@ class Driver:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batches = make_batches(samples, job.calibration.batch_size, pad)
         self.calibration_tokens = sum(b.tokens for b in self.batches)
-        warning = few_tokens_warning(self.calibration_tokens, self.reader, self.intermediate)
+        warning = few_tokens_warning(self.calibration_tokens, self.reader)
         if warning:
             log.warning("%s", warning)
         tokens_per_batch = max(b.input_ids.numel() for b in self.batches)
