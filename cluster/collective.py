@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import socket
+from collections import Counter
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, in
                      ) -> tuple[dict[Unit, HessianAccumulator], int]:
     """This worker's partials {unit: accumulator} → the sums of the units it owns (worker order), and the
     bytes it sent."""
-    sums: dict[Unit, HessianAccumulator] = {}
+    sums: dict[int, HessianAccumulator] = {}  # id(partial) → the sum this worker owns
     sent = 0
     transfers = _transfers(accs, owners)
     plan = [(key, owner, tuple(accs[key].xtx.shape)) for key, owner in transfers]
@@ -75,9 +76,9 @@ def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, in
     if any(other != plan for other in plans):  # unpaired sends would wait for the timeout: refuse now
         raise RuntimeError("data-parallel workers disagree on the Hessians to exchange (their capture passes "
                            "differ); this is a bug in rayquant, please report it with the job file")
+    moves = Counter(key for key, _ in transfers)  # an accumulator moved to several owners stays unsummed
     for key, owner in transfers:
         acc = accs[key]
-        moves = sum(k == key for k, _ in transfers)  # a shared accumulator still to send must stay unsummed
         count = torch.tensor([acc.count], dtype=torch.int64, device=acc.xtx.device)
         if rank != owner:
             dist.send(acc.xtx, owner)
@@ -88,7 +89,7 @@ def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, in
         tokens = 0
         for source in range(world):
             if source == rank:
-                part, n = (acc.xtx.clone() if moves > 1 and source == 0 else acc.xtx), acc.count
+                part, n = (acc.xtx.clone() if moves[key] > 1 and source == 0 else acc.xtx), acc.count
             else:
                 part = torch.empty_like(acc.xtx)
                 dist.recv(part, source)
@@ -99,10 +100,8 @@ def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, in
             else:
                 total += part
             tokens += n
-        sums[key] = HessianAccumulator.from_sum(total, tokens)
-    first = {id(accs[unit]): unit for unit in reversed(list(owners))}
-    mine = {unit: sums[first[id(accs[unit])]] for unit, owner in owners.items() if owner == rank}
-    return mine, sent
+        sums[id(acc)] = HessianAccumulator.from_sum(total, tokens)  # one transfer per accumulator and owner
+    return {unit: sums[id(accs[unit])] for unit, owner in owners.items() if owner == rank}, sent
 
 
 def broadcast_from_owners(output: Any, rank: int, world: int, device: torch.device) -> tuple[list[Any], int]:
