@@ -121,7 +121,7 @@ def decode_rows(config: dict, device: str, new_tokens: int) -> list[dict]:
     """Greedy decode tok/s (batch 1) of a random Qwen2 model, fp16 then with every projection int4."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from quantizer.architectures import get_architecture
+    from quantizer.decoder import Architecture
     from quantizer.layer_builder import set_submodule
     from quantizer.packing import pack_result
     from quantizer.qlinear import QuantLinear
@@ -152,10 +152,10 @@ def decode_rows(config: dict, device: str, new_tokens: int) -> list[dict]:
         return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**30
 
     rows = [{"weights": "fp16", **decode(), "weight_gb": weight_gb()}]
-    arch = get_architecture("qwen2")
+    arch = Architecture(model.config)
     qcfg = QuantConfig(bits=4, group_size=128)
     for i in range(config["num_hidden_layers"]):
-        for name in arch.linear_names(model.config, i):
+        for name in arch.linear_names(i):
             full = f"{arch.layer_prefix(i)}.{name}"
             linear = model.get_submodule(full)
             packed = pack_result(rtn_quantize(linear.weight.detach().float(), qcfg), 4)

@@ -179,7 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(describe(plans))
     workers = job.resources.workers if schedule == "data_parallel" else 1
     flops = (args.worker_tflops or (200 if job.resources.gpus_per_stage else 0.2)) * 1e12
-    sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(reader.config, i)]
+    sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(i)]
     estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate,
                                job.calibration.num_samples * job.calibration.max_len, workers, job.quant.bits, flops,
                                args.link_gbps * 1e9, job.quant.moe_calibration == "all")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from quantizer.architectures import Unit
+from quantizer.decoder import Unit
 from quantizer.hessian import HessianAccumulator
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting this long for a peer fails (the peer is gone)

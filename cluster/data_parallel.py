@@ -21,9 +21,9 @@ from cluster.progress import JobProgress, StageProgress
 from cluster.recovery import Recovery, actor_lost, wait_until_restarted
 from rayquant.ray_private import actor_state
 from quantizer.activations import TokenBatch
-from quantizer.architectures import Unit
 from quantizer.calibration import make_batches
 from quantizer.checkpoint import shard_name
+from quantizer.decoder import Unit
 from quantizer.engine import LayerReport, StagePhase
 from quantizer.errors import ConfigError
 from quantizer.layer_store import FolderLayerStore
@@ -101,7 +101,7 @@ class DataParallelRun:
     def _layer(self, index: int, progress: StageProgress) -> None:
         started, wall = time.time(), time.perf_counter()
         ray.get([w.begin_layer.remote(index) for w in self.workers])
-        groups = self.reader.arch.layer_units(self.reader.config, index)
+        groups = self.reader.arch.layer_units(index)
         passes = [[g] for g in groups] if self.qcfg.true_sequential else [list(groups)]
         report = LayerReport(layer=index, started=started)
         phase = {"layer": index, "forward_s": 0.0, "hessian_s": 0.0, "reduce_s": 0.0, "solve_s": 0.0,

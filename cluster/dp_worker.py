@@ -21,8 +21,8 @@ from cluster import collective
 from cluster.shards import write_layers_shard
 from cluster.stage import stage_engine
 from quantizer.activations import ActivationChunk, TokenBatch
-from quantizer.architectures import Unit
 from quantizer.config import QuantConfig
+from quantizer.decoder import Unit
 from quantizer.engine import LayerReport, LayerWork, peak_rss_mb
 from quantizer.hessian import reduce_in_order
 from quantizer.layer_builder import build_quantized_layer
@@ -189,8 +189,8 @@ class DataParallelWorker:
         e = self.engine
         if index != self.position:
             raise RuntimeError(f"worker {self.rank} holds the inputs of layer {self.position}, not {index}")
-        layer = build_quantized_layer(e.arch, e.config, index, tensors, e.qcfg, e.dtype, e.device)
-        self.handles = [e.forward_layer(layer, chunk) for chunk in self.handles]
+        layer = build_quantized_layer(e.arch, index, tensors, e.qcfg, e.dtype, e.device)
+        self.handles = [e.forward_layer(layer, index, chunk) for chunk in self.handles]
         self.position = index + 1
 
     def write_shard(self, folder: str, name: str, layers: range, first: bool, last: bool) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from quantizer.calibration import default_calibration_file, make_batches, tokeni
 from quantizer.checkpoint import shard_name, write_metadata
 from quantizer.engine import output_dtype, peak_rss_mb
 from quantizer.errors import ConfigError
-from quantizer.layer_builder import padded_intermediate
+from quantizer.layer_builder import DENSE_MLP_OUT, compute_architecture, padded_intermediate
 from quantizer.model_io import CheckpointReader
 from quantizer.sources import ModelRef
 from quantizer.sources import resolve_model as resolve_model_name
@@ -74,20 +74,22 @@ def resolve_output(name: str) -> str:
 def check_shapes(reader: CheckpointReader, job: JobConfig, intermediate: int) -> None:
     """Fail before any work if a tensor is missing, or the group size cannot split a layer's inputs."""
     reader.check_complete()
-    arch, config = reader.arch, reader.config
-    if arch.moe is not None and job.quant.pad_intermediate_to:
-        raise ConfigError(f"pad_intermediate_to applies to dense MLPs; {config.model_type}'s experts are not padded "
-                          "(leave it at 0)")
+    arch = compute_architecture(reader, job.quant)
+    sparse = any(arch.is_sparse(i) for i in range(arch.num_layers))
+    if job.quant.pad_intermediate_to and (sparse or DENSE_MLP_OUT not in arch.linear_names(0)):
+        raise ConfigError(f"pad_intermediate_to applies to Llama-style dense MLPs (mlp.gate_proj / up_proj / "
+                          f"down_proj); {reader.arch.model_type} has other or expert MLPs (leave it at 0)")
     checked: set[tuple[str, int]] = set()
-    for index in range(reader.num_layers):
-        dense = not arch.is_sparse(config, index)
-        for name, (_, in_features) in reader.linear_shapes(index).items():
-            if dense and name == arch.mlp_out:
-                in_features = intermediate
+    for index in range(arch.num_layers):
+        for name, (_, in_features) in arch.linear_shapes(index).items():
             kind = name.rpartition(".")[2]
             if (kind, in_features) not in checked:
                 checked.add((kind, in_features))
                 job.quant.check_in_features(name, in_features)
+    skipped = reader.skipped_tensors()
+    if skipped:
+        log.info("skipping %d tensors of layers past num_hidden_layers (%s, …): not part of the causal LM "
+                 "(multi-token prediction)", len(skipped), skipped[0])
 
 
 def warn_if_not_vllm_loadable(job: JobConfig) -> None:
@@ -122,7 +124,7 @@ def few_tokens_warning(tokens: int, reader: CheckpointReader) -> str | None:
     """A warning when the calibration has fewer tokens than the widest projection input (an MoE layer's: its
     experts' width, not the unused dense intermediate_size): that Hessian is then rank-deficient, and GPTQ
     fits the calibration text at the expense of other text."""
-    kinds = {reader.arch.is_sparse(reader.config, i): i for i in range(reader.num_layers)}  # a dense and a sparse
+    kinds = {reader.arch.is_sparse(i): i for i in range(reader.num_layers)}  # a dense and a sparse
     widest = max(shape[1] for index in kinds.values() for shape in reader.linear_shapes(index).values())
     if tokens >= widest:
         return None
@@ -226,7 +228,7 @@ class Driver:
                 overall.stop()
                 if owns_ray:
                     ray.shutdown()
-            out_dtype = output_dtype(self.reader.tensors[self.reader.arch.embed + ".weight"].dtype_torch)
+            out_dtype = output_dtype(self.reader.embedding_info().dtype_torch)
             files = write_metadata(target.staging, self.reader, job.quant, self.intermediate, out_dtype)
             report = self._report(started, progress, shards, stats, settings)
             target.staging.write_text("quantize_report.json", json.dumps(report, indent=2))
@@ -404,6 +406,9 @@ class Driver:
             "output_dir": self.target.final.url, "schedule": self.job.resolved_schedule,
             "quant": dataclasses.asdict(self.job.quant), "calibration": dataclasses.asdict(self.job.calibration),
             "calibration_tokens": self.calibration_tokens,
+            "model_type": self.reader.arch.model_type,
+            # layers past num_hidden_layers (multi-token prediction): not part of the causal LM, not written
+            "skipped_tensors": self.reader.skipped_tensors(),
             "wall_seconds": time.time() - started, "driver_peak_rss_mb": peak_rss_mb(),
             "transfer_bytes": sum(s["bytes_emitted"] for s in stats), "stages": stages,
             "recoveries": [dataclasses.asdict(r) for r in self.recoveries],

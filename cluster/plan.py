@@ -59,20 +59,23 @@ def layer_groups(reader: CheckpointReader, index: int, intermediate: int, all_ex
     once). The MLP of a dense layer is padded to `intermediate`. A sparse layer's expert groups hold one
     Hessian per expert while their inputs are captured — except the gate/up group when every expert is
     calibrated on every token, which shares one."""
-    arch, config = reader.arch, reader.config
-    width = int(config.intermediate_size)
-    dense = not arch.is_sparse(config, index)
-    shapes = reader.linear_shapes(index)
+    arch = reader.arch
+    width = int(getattr(reader.config, "intermediate_size", 0) or 0)
+    spec = arch.spec(index)
+    dense = not spec.sparse
+    shapes = arch.linear_shapes(index)
     groups = []
-    for group in arch.layer_units(config, index):
+    for group in spec.groups:
         units = []
         for unit in group:
             rows = sum(intermediate if dense and shapes[n][0] == width else shapes[n][0] for n in unit)
             in_features = intermediate if dense and shapes[unit[0]][1] == width else shapes[unit[0]][1]
             units.append((rows, in_features))
+        experts_input = [u for u in group if any(u[0].startswith(e + ".") for e in spec.experts)
+                         and u[0].rpartition(".")[2] in ("gate_proj", "up_proj")]
         hessians = len(group)
-        if all_experts and len(group) > 1 and len(group[0]) == 2:  # the routed experts' gate/up share one
-            hessians = 1 + len(group) - arch.moe.num_experts(config)
+        if all_experts and experts_input:  # the routed experts' gate/up share one
+            hessians = 1 + len(group) - len(experts_input)
         groups.append((units, hessians))
     return groups
 
@@ -93,21 +96,21 @@ def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, 
     the checkpoint's); pipelined: stages keep their float layers. Activations: `inflight` batches in
     and out and one MLP-wide intermediate, fp32; a sparse layer adds the routed-token buffers (the
     block's input and output, one expert's intermediate)."""
-    cfg, arch = reader.config, reader.arch
-    hidden = int(cfg.hidden_size)
+    arch = reader.arch
+    hidden = arch.hidden_size
     activations = 2 * inflight * tokens_per_batch * hidden * 4 + tokens_per_batch * intermediate * 4 * 3
-    if arch.moe is not None:
-        expert = arch.moe.expert_width(cfg)
+    sparse_layers = [i for i in range(reader.num_layers) if arch.is_sparse(i)]
+    if sparse_layers:
+        expert = arch.expert_width(sparse_layers[0])
         activations += tokens_per_batch * (2 * hidden + 3 * expert) * 4
-    sparse_layers = [i for i in range(reader.num_layers) if arch.is_sparse(cfg, i)]
     kinds = {0} | ({sparse_layers[0]} if sparse_layers else set())  # one dense and one sparse layer
     workspace = max(layer_workspace(layer_groups(reader, i, intermediate, all_experts)) for i in kinds)
-    head = reader.tensor_bytes(arch.lm_head) or 0
-    checkpoint_bytes = reader.tensors[arch.embed + ".weight"].dtype_torch.itemsize
+    head = reader.head_names()
+    checkpoint_bytes = reader.embedding_info().dtype_torch.itemsize
     return ModelSizes(
         layer_bytes=[reader.layer_bytes(i) for i in range(reader.num_layers)],
-        first_extra=reader.tensor_bytes(arch.embed),
-        last_extra=reader.tensor_bytes(arch.final_norm) + head,
+        first_extra=reader.tensor_bytes([n for n in reader.outside_layers() if n not in head]),
+        last_extra=reader.tensor_bytes(head),
         workspace=workspace + activations,
         compute_scale=(compute_bytes or checkpoint_bytes) / checkpoint_bytes,
         all_layers_resident=pipelined,
@@ -225,8 +228,9 @@ def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tok
     weights = sum(r * i for units, _ in groups for r, i in units)
     passes = len(groups)
     forward_flops = 2 * weights * tokens * (passes / 2 + 1)
-    if arch.is_sparse(config, index):
-        experts, top_k = arch.moe.num_experts(config), int(config.num_experts_per_tok)
+    if arch.is_sparse(index):
+        experts = arch.num_experts(index)
+        top_k = int(getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_k", 1))
         expert_weights = sum(r * i for units, _ in groups[-2:] for r, i in units)
         dense = weights - expert_weights
         routed = expert_weights * top_k / experts

@@ -1,5 +1,5 @@
-"""A worker's output shard: its finished layers from the layer store, plus the embeddings or the final
-norm and head when it writes the first or last shard."""
+"""A worker's output shard: its finished layers from the layer store, plus the tensors outside the layers
+(embeddings, final norm, …) when it writes the first shard and the output head when it writes the last."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from quantizer.storage import Location
 
 def write_layers_shard(reader: CheckpointReader, layer_store: FolderLayerStore, layers: range, first: bool,
                        last: bool, out_dtype: torch.dtype, folder: str, name: str) -> dict[str, Any]:
-    """Write `layers` (+ embeddings when `first`, norm / head when `last`) as shard `name` into `folder`
-    (a local dir, or an object-store prefix it uploads to); no NaN or Inf is written."""
+    """Write `layers` (+ the tensors outside the layers but the head when `first`, the head when `last`) as shard
+    `name` into `folder` (a local dir, or an object-store prefix it uploads to); no NaN or Inf is written."""
     arch = reader.arch
     tensors: dict[str, torch.Tensor] = {}
     for index in layers:
@@ -24,11 +24,12 @@ def write_layers_shard(reader: CheckpointReader, layer_store: FolderLayerStore, 
         if saved is None:
             raise RuntimeError(f"layer {index} has no checkpoint; its quantization did not finish")
         prefix = arch.layer_prefix(index)
-        tensors.update({f"{prefix}.{arch.to_disk(k)}": v for k, v in saved[0].items()})
-    names = [arch.embed + ".weight"] if first else []
+        tensors.update({arch.names.disk_name(f"{prefix}.{k}"): v for k, v in saved[0].items()})
+    head = reader.head_names()
+    names = [n for n in reader.outside_layers() if n not in head] if first else []
     if last:
-        names += [n for n in reader.tensors if n.startswith((arch.final_norm + ".", arch.lm_head + "."))]
-    tensors.update({n: t.to(out_dtype) for n, t in reader.load(names).items()})
+        names += head
+    tensors.update({n: t.to(out_dtype) if t.is_floating_point() else t for n, t in reader.load(names).items()})
     check_finite(tensors)
     write_shard(Location(folder), name, tensors)
     return {"tensors": len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}

@@ -47,7 +47,7 @@ def stage_engine(model: ModelRef, layers: range, qcfg: QuantConfig, layers_url: 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     reader = CheckpointReader(model.open())
-    stored = reader.tensors[reader.arch.embed + ".weight"].dtype_torch
+    stored = reader.embedding_info().dtype_torch
     dtype = torch.float32 if device == "cpu" else output_dtype(stored)
     layer_store = FolderLayerStore(Location(layers_url))
     return reader, layer_store, StageEngine(reader, layers, qcfg, store, layer_store, device, dtype, solver)
@@ -81,7 +81,7 @@ class StageWorker:
         for index in self.engine.layers:
             if index not in self._float_layers:
                 self._float_layers[index] = self.engine.float_layer(index)
-            chunk = self.engine.forward_layer(self._float_layers[index], chunk)
+            chunk = self.engine.forward_layer(self._float_layers[index], index, chunk)
         self.bytes_emitted += chunk.nbytes
         return chunk
 

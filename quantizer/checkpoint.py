@@ -13,11 +13,14 @@ import torch
 from safetensors.torch import save_file
 
 from quantizer.config import QuantConfig
+from quantizer.decoder import Architecture
+from quantizer.layer_builder import compute_architecture
 from quantizer.model_io import CheckpointReader
 from quantizer.sources import INDEX_FILE, TOKENIZER_FILES, parse_header
 from quantizer.storage import Location
 
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32"}
+_FLOAT_NAMES = ("F16", "BF16", "F32", "F64")
 _CONFIG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -51,40 +54,32 @@ def write_shard(folder: Location, name: str, tensors: dict[str, torch.Tensor],
         folder.upload(local, name)
 
 
-def expected_tensors(reader: CheckpointReader, qcfg: QuantConfig, intermediate: int,
+def expected_tensors(reader: CheckpointReader, arch: Architecture, qcfg: QuantConfig,
                      out_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name → (shape, safetensors dtype) of every tensor the quantized checkpoint must hold."""
-    arch, config, fdt = reader.arch, reader.config, _DTYPE_NAMES[out_dtype]
-    linears: dict[int, set[str]] = {}
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for name, info in reader.tensors.items():
-        if not name.startswith(arch.layers_prefix + "."):
-            out[name] = (info.shape, fdt)
-            continue
-        module, _, kind = name.rpartition(".")
-        index_text, _, disk_local = module[len(arch.layers_prefix) + 1:].partition(".")  # "3", "self_attn.q_proj"
-        index = int(index_text)
-        if index not in linears:
-            linears[index] = set(arch.linear_names(config, index))
-        local = arch.from_disk(disk_local)
-        if local not in linears[index]:
-            out[name] = (info.shape, fdt)
-            continue
-        shape = list(info.shape)
-        dense = not arch.is_sparse(config, index)
-        if dense and local in arch.mlp_in:
-            shape[0] = intermediate
-        if dense and local == arch.mlp_out and kind == "weight":
-            shape[1] = intermediate
-        if kind == "bias":
-            out[name] = (tuple(shape), "F16")
-            continue
-        out_f, in_f = shape
-        groups = qcfg.group_count(in_f)
-        out[f"{module}.qweight"] = ((in_f * qcfg.bits // 32, out_f), "I32")
-        out[f"{module}.qzeros"] = ((groups, out_f * qcfg.bits // 32), "I32")
-        out[f"{module}.scales"] = ((groups, out_f), "F16")
-        out[f"{module}.g_idx"] = ((in_f,), "I32")
+    """Name → (shape, safetensors dtype) of every tensor the quantized checkpoint must hold. `arch`: the model as
+    the stages built it (its dense MLP padded, if so)."""
+    fdt = _DTYPE_NAMES[out_dtype]
+    out = {name: (reader.tensors[name].shape, fdt if reader.tensors[name].dtype in _FLOAT_NAMES
+                  else reader.tensors[name].dtype) for name in reader.outside_layers()}
+    for index in range(arch.num_layers):
+        prefix = arch.layer_prefix(index)
+        linears = set(arch.linear_names(index))
+        buffers = arch.buffer_names(index)
+        for name, shape in arch.tensor_shapes(index).items():
+            module, _, kind = name.rpartition(".")
+            disk = arch.names.disk_name(f"{prefix}.{name}")
+            if module not in linears:
+                out[disk] = (shape, reader.tensors[disk].dtype if name in buffers else fdt)
+            elif kind == "bias":
+                out[disk] = (shape, "F16")
+            else:
+                out_f, in_f = shape
+                groups = qcfg.group_count(in_f)
+                base = disk.rpartition(".")[0]
+                out[f"{base}.qweight"] = ((in_f * qcfg.bits // 32, out_f), "I32")
+                out[f"{base}.qzeros"] = ((groups, out_f * qcfg.bits // 32), "I32")
+                out[f"{base}.scales"] = ((groups, out_f), "F16")
+                out[f"{base}.g_idx"] = ((in_f,), "I32")
     return out
 
 
@@ -116,14 +111,15 @@ def write_metadata(folder: Location, reader: CheckpointReader, qcfg: QuantConfig
     """Check the shards, then write the index, config.json with quantization_config, quantize_config.json
     and the tokenizer files. Returns the names of every file of the checkpoint."""
     found = read_weight_map(folder)
-    verify_tensors(found, expected_tensors(reader, qcfg, intermediate, out_dtype))
+    verify_tensors(found, expected_tensors(reader, compute_architecture(reader, qcfg), qcfg, out_dtype))
     shards = sorted({v[0] for v in found.values()})
     index = {"metadata": {"total_size": sum(folder.size(f) for f in shards)},
              "weight_map": {k: v[0] for k, v in sorted(found.items())}}
     folder.write_text(INDEX_FILE, json.dumps(index, indent=2))
     config = json.loads((reader.model_dir / "config.json").read_text())
     config["quantization_config"] = qcfg.to_hf()
-    config["intermediate_size"] = intermediate
+    if qcfg.pad_intermediate_to:
+        config["intermediate_size"] = intermediate
     config["torch_dtype"] = config["dtype"] = _CONFIG_DTYPES[out_dtype]
     folder.write_text("config.json", json.dumps(config, indent=2))
     folder.write_text("quantize_config.json", json.dumps(qcfg.to_hf(), indent=2))

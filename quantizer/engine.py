@@ -16,17 +16,17 @@ import torch
 from torch import nn
 
 from quantizer.activations import ActivationChunk, ActivationStore, TokenBatch
-from quantizer.config import QuantConfig
-from quantizer.architectures import Unit
-from quantizer.config import FALLBACK_DAMP_PERCENT
+from quantizer.config import FALLBACK_DAMP_PERCENT, QuantConfig
+from quantizer.decoder import LayerSpec, Unit
+from quantizer.experts import ExpertList
 from quantizer.gptq import Factorization, factorize
 from quantizer.hessian import HessianAccumulator
 from quantizer.layer_builder import (
-    AttentionInputs, build_float_layer, build_quantized_layer, compute_config, pad_mlp, padded_intermediate,
+    build_float_layer, build_quantized_layer, compute_architecture, pad_mlp, padded_intermediate,
 )
+from quantizer.layer_inputs import LayerInputs, layer_output
 from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
-from quantizer.moe import SparseMoe
 from quantizer.result import QuantResult
 from quantizer.solvers import LocalSolver, Solver, SolveJob, split_rows
 
@@ -93,48 +93,54 @@ class StageEngine:
     def __init__(self, reader: CheckpointReader, layers: range, qcfg: QuantConfig, store: ActivationStore,
                  layer_store: LayerStore | None = None, device: str = "cpu",
                  compute_dtype: torch.dtype = torch.float32, solver: Solver | None = None) -> None:
-        self.reader, self.arch, self.layers, self.qcfg = reader, reader.arch, layers, qcfg
+        self.reader, self.layers, self.qcfg = reader, layers, qcfg
+        self.arch = compute_architecture(reader, qcfg)
         self.store, self.layer_store = store, layer_store
         self.solver = solver or LocalSolver()
         self.device, self.dtype = torch.device(device), compute_dtype
         self.intermediate = padded_intermediate(reader.config, qcfg.pad_intermediate_to)
-        self.config = compute_config(reader.config, self.intermediate)
-        self.out_dtype = output_dtype(reader.tensors[self.arch.embed + ".weight"].dtype_torch)
-        self.attention = AttentionInputs(self.arch, self.config, self.device)
+        self.out_dtype = output_dtype(reader.embedding_info().dtype_torch)
+        # the model's own code computes each layer's masks and rotary inputs; it needs the tensors outside the
+        # layers its forward touches before the first layer (GPT-2's position table, …), not the embedding table
+        others = [n for n in reader.outside_layers() if n not in reader.head_names()
+                  and reader.arch.names.to_module[n] != self.arch.embed + ".weight"]
+        self.inputs = LayerInputs(self.arch, compute_dtype, self.device, reader.load_modules(others))
         self._mask: torch.Tensor | None = None
-        self._embed: nn.Embedding | None = None
+        self._embedding_loaded = False
         self._tokens = 0  # real tokens of the last capture pass
         self.block_input: HessianAccumulator | None = None  # moe_calibration auto: the last pass's block input
         self.hessian_seconds = 0.0  # time spent adding to Hessians, all passes so far
 
     # ---- inputs -----------------------------------------------------------------------------------
     def embed(self, batch: TokenBatch) -> ActivationChunk:
-        """Token ids → first-layer hidden states (the first stage only). The table stays in the checkpoint
-        dtype (a 152k × 8192 vocabulary is 2.5 GB in bf16, 5 GB in fp32); looked-up rows are cast, exactly."""
-        if self._embed is None:
-            weight = self.reader.load_prefix(self.arch.embed)["weight"]
-            self._embed = nn.Embedding.from_pretrained(weight.to(self.device))
-        hidden = self._embed(batch.input_ids.to(self.device)).to(self.dtype)
+        """Token ids → first-layer hidden states, as the model computes them (the first stage only). The table
+        stays in the checkpoint dtype (a 152k × 8192 vocabulary is 2.5 GB in bf16, 5 GB in fp32); looked-up rows
+        are cast, exactly."""
+        if not self._embedding_loaded:
+            self.inputs.set_embedding(self.reader.embedding_weight())
+            self._embedding_loaded = True
+        hidden = self.inputs(batch.mask, input_ids=batch.input_ids, upto=0)[0].hidden.to(self.dtype)
         return ActivationChunk(hidden, batch.mask.to(self.device))
 
     # ---- forward passes ---------------------------------------------------------------------------
-    def _run(self, layer: nn.Module, chunk: ActivationChunk) -> torch.Tensor:
+    def _run(self, layer: nn.Module, index: int, chunk: ActivationChunk) -> torch.Tensor:
+        """Layer `index` on one batch, with the inputs the model computes for it."""
         hidden = chunk.hidden.to(self.device, self.dtype)
         self._mask = chunk.mask
-        moe = _sparse_block(layer)
-        if moe is not None:  # experts see real tokens only
-            moe.token_mask = chunk.mask
+        for experts in _experts(layer):  # experts see real tokens only
+            experts.token_mask = chunk.mask
         with torch.inference_mode():
-            return layer(hidden, **self.attention(hidden, chunk.mask))
+            call = self.inputs(chunk.mask, upto=index)[index]
+            return layer_output(call.run(layer, hidden))
 
-    def forward_layer(self, layer: nn.Module, chunk: ActivationChunk) -> ActivationChunk:
-        return ActivationChunk(self._run(layer, chunk), chunk.mask)
+    def forward_layer(self, layer: nn.Module, index: int, chunk: ActivationChunk) -> ActivationChunk:
+        return ActivationChunk(self._run(layer, index, chunk), chunk.mask)
 
     def float_layer(self, index: int) -> nn.Module:
-        state = {self.arch.from_disk(k): v for k, v in self.reader.load_prefix(self.arch.layer_prefix(index)).items()}
-        if self.intermediate != self.reader.config.intermediate_size and not self.arch.is_sparse(self.config, index):
-            state = pad_mlp(state, self.arch, self.intermediate)
-        return build_float_layer(self.arch, self.config, index, state, self.dtype, self.device)
+        state = self.reader.layer_state(index)
+        if self.arch is not self.reader.arch and not self.arch.is_sparse(index):
+            state = pad_mlp(state, self.intermediate)
+        return build_float_layer(self.arch, index, state, self.dtype, self.device)
 
     # ---- quantization -----------------------------------------------------------------------------
     def quantize(self, inputs: list[Any]) -> Iterator[LayerReport | StagePhase]:
@@ -155,8 +161,8 @@ class StageEngine:
                 tensors = yield from self._quantize_layer(index, handles, report)
             yield StagePhase(index, "forward through the quantized layer" if saved is None else
                              "replaying the finished layer from its checkpoint")
-            layer = build_quantized_layer(self.arch, self.config, index, tensors, self.qcfg, self.dtype, self.device)
-            handles = [self.store.put(self.forward_layer(layer, self.store.get(h))) for h in handles]
+            layer = build_quantized_layer(self.arch, index, tensors, self.qcfg, self.dtype, self.device)
+            handles = [self.store.put(self.forward_layer(layer, index, self.store.get(h))) for h in handles]
             report.seconds = time.perf_counter() - start
             report.finished = time.time()
             report.peak_rss_mb = peak_rss_mb()
@@ -178,35 +184,37 @@ class StageEngine:
                     work.apply(name, result)
         return work.finish()
 
-    def _capture(self, layer: nn.Module, groups: list[tuple[Unit, ...]], handles: list[Any],
+    def _capture(self, layer: nn.Module, index: int, groups: list[tuple[Unit, ...]], handles: list[Any],
                  expert_tokens: list[int] | None = None) -> dict[Unit, HessianAccumulator]:
         """One pass over all batches, accumulating the input Hessian of each unit. An expert calibrated on
-        every token has, for gate/up, the block's input: one accumulator serves all such experts; for
+        every token has, for gate/up, the experts' input: one accumulator serves all such experts; for
         down_proj, the expert runs on every token. moe_calibration "auto" decides per expert from its routed
         tokens (`expert_tokens`, counted in an earlier pass; for gate/up, this pass's own count): every token
         when they are fewer than the projection's inputs. The pass stops once the last unit's inputs are
-        seen (after the sparse block when that unit is inside it)."""
+        seen (after the experts when that unit is one of theirs)."""
+        spec = self.arch.spec(index)
         accs: dict[Unit, HessianAccumulator] = {}
-        moe = _sparse_block(layer)
         shared: HessianAccumulator | None = None
         hooks = []
 
         def accumulate(acc: HessianAccumulator):
             def hook(_module, args):
                 start = time.perf_counter()
-                x = args[0]  # [B, T, in] before the sparse block; [tokens, in] inside it (padding removed)
-                acc.add(x, self._mask if x.dim() == 3 else None)
+                x = args[0]  # [B, T, in] (or [B·T, in]) with padding; [tokens, in] inside the experts (none)
+                mask = self._mask if x.shape[:-1].numel() == self._mask.numel() else None
+                acc.add(x, mask)
                 self.hessian_seconds += time.perf_counter() - start
             return hook
 
         mode = self.qcfg.moe_calibration
+        experts = _experts(layer)
         for group in groups:
             for unit in group:
                 module = layer.get_submodule(unit[0])
-                if moe is not None and mode != "routed" and _expert_input_unit(unit):
-                    if shared is None:  # the block's own input: no expert needs to run for it
+                if experts and mode != "routed" and _expert_input_unit(unit, spec):
+                    if shared is None:  # the experts' own input: no expert needs to run for it
                         shared = HessianAccumulator(module.in_features, self.device)
-                        hooks.append(moe.register_forward_pre_hook(accumulate(shared)))
+                        hooks.append(_hook_experts_input(layer, spec.experts[0], accumulate(shared)))
                     if mode == "all":
                         accs[unit] = shared
                         continue
@@ -216,30 +224,32 @@ class StageEngine:
         def stop(*_):
             raise _StopForward
 
-        last = groups[-1][-1][0]
-        in_block = moe is not None and last.startswith("mlp.")
-        hooks.append(moe.register_forward_hook(stop) if in_block
-                     else layer.get_submodule(last).register_forward_pre_hook(stop))
-        down_units = [u for g in groups for u in g if u[0].startswith("mlp.experts.") and len(u) == 1]
-        if moe is not None and down_units:  # experts run on every token only where their own inputs are captured
-            moe.all_experts = mode == "all" or (mode == "auto" and not expert_tokens)
-            if mode == "auto" and expert_tokens:  # too few routed tokens for a full-rank down_proj Hessian
-                width = layer.get_submodule(down_units[0][0]).in_features
-                moe.all_token_experts = frozenset(e for e, n in enumerate(expert_tokens) if n < width)
+        where, kind = spec.stops[spec.groups.index(groups[-1])]
+        stop_at = layer.get_submodule(where)
+        hooks.append(stop_at.register_forward_hook(stop) if kind == "post" else stop_at.register_forward_pre_hook(stop))
+        down_units = [u for g in groups for u in g if _in_experts(u, spec) and not _expert_input_unit(u, spec)]
+        if experts and down_units:  # experts run on every token only where their own inputs are captured
+            block = experts[0]
+            if mode == "all" or (mode == "auto" and not expert_tokens):
+                block.every_token = frozenset(range(block.num_experts))
+            elif mode == "auto":  # too few routed tokens for a full-rank down_proj Hessian
+                block.every_token = frozenset(e for e, n in enumerate(expert_tokens) if n < block.width)
+            if block.every_token and block.scaled_input:  # Llama 4: the experts' input is router-scaled
+                hooks.append(_hook_experts_input(layer, spec.experts[0], None))
         self._tokens = 0  # real tokens in this pass: what an expert's Hessian share is measured against
         try:
             for h in handles:
                 chunk = self.store.get(h)
                 self._tokens += int(chunk.mask.sum())
                 try:
-                    self._run(layer, chunk)
+                    self._run(layer, index, chunk)
                 except _StopForward:
                     pass
         finally:
             for hook_handle in hooks:
                 hook_handle.remove()
-            if moe is not None:
-                moe.all_experts, moe.all_token_experts = False, frozenset()
+            for block in experts:
+                block.every_token, block.block_tokens = frozenset(), None
         self.block_input = shared if mode == "auto" else None  # the every-token option LayerWork.settle weighs
         return accs
 
@@ -280,7 +290,7 @@ class StageEngine:
     def _expert_fallback(self, unit: Unit, acc: HessianAccumulator, total: int, report: LayerReport) -> str | None:
         """For an expert unit whose Hessian saw fewer than moe_min_token_fraction of the layer's tokens:
         the configured fallback ("rtn" or "damp"), recorded in the report and the log."""
-        if not unit[0].startswith("mlp.experts."):
+        if not _in_experts(unit, self.arch.spec(report.layer)):
             return None
         report.hessian_tokens[unit[0]] = acc.count
         needed = self.qcfg.moe_min_token_fraction * total
@@ -302,7 +312,8 @@ class LayerWork:
     def __init__(self, engine: StageEngine, index: int, report: LayerReport) -> None:
         self.engine, self.index, self.report = engine, index, report
         self.layer = engine.float_layer(index)
-        groups = engine.arch.layer_units(engine.config, index)
+        self.spec = engine.arch.spec(index)
+        groups = self.spec.groups
         self.passes = [[g] for g in groups] if engine.qcfg.true_sequential else [list(groups)]
         self.tensors: dict[str, torch.Tensor] = {}
 
@@ -311,22 +322,23 @@ class LayerWork:
         """The pass's Hessians over `handles`; the first pass through a sparse block counts routed tokens.
         With `settle=False` (a data-parallel worker, which holds a share of the calibration) the auto
         calibration's choice for gate/up is left to `settle`, made on the counts of the whole calibration."""
-        moe = _sparse_block(self.layer)
-        counting = moe is not None and not self.report.expert_tokens and any(
-            u[0].startswith("mlp.") for g in pass_groups for u in g)
+        experts = _experts(self.layer)
+        counting = bool(experts) and not self.report.expert_tokens and any(
+            _in_experts(u, self.spec) for g in pass_groups for u in g)
         if counting:
-            moe.routed_tokens = None
-        accs = self.engine._capture(self.layer, pass_groups, handles, self.report.expert_tokens)
+            experts[0].routed_tokens = None
+        accs = self.engine._capture(self.layer, self.index, pass_groups, handles, self.report.expert_tokens)
         if counting:
-            self.report.expert_tokens = [int(t) for t in (moe.routed_tokens if moe.routed_tokens is not None
-                                                          else torch.zeros(moe.num_experts))]
+            routed = experts[0].routed_tokens
+            self.report.expert_tokens = [int(t) for t in (routed if routed is not None
+                                                          else torch.zeros(experts[0].num_experts))]
         return self.settle(accs) if settle else accs
 
     def routed_counts(self, accs: dict[Unit, HessianAccumulator]) -> dict[Unit, int]:
         """{gate/up unit: routed tokens in its Hessian} of the units `settle` decides (auto calibration)."""
         if self.engine.block_input is None:
             return {}
-        return {unit: acc.count for unit, acc in accs.items() if _expert_input_unit(unit)}
+        return {unit: acc.count for unit, acc in accs.items() if _expert_input_unit(unit, self.spec)}
 
     def settle(self, accs: dict[Unit, HessianAccumulator], routed: dict[Unit, int] | None = None
                ) -> dict[Unit, HessianAccumulator]:
@@ -355,22 +367,50 @@ class LayerWork:
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The layer's checkpoint tensors: packed projections plus every float parameter left."""
-        linears = set(self.engine.arch.linear_names(self.engine.config, self.index))
-        for name, param in self.layer.named_parameters():
-            if name.rpartition(".")[0] not in linears:
-                self.tensors[name] = param.detach().to(self.engine.out_dtype)
+        linears = set(self.spec.linears)
+        buffers = {name for name, _ in self.layer.named_buffers()}
+        reader, prefix = self.engine.reader, self.engine.arch.layer_prefix(self.index)
+        for name, tensor in self.layer.state_dict().items():
+            if name.rpartition(".")[0] in linears:
+                continue
+            if name in buffers:  # persistent buffers (DeepSeek's score-correction bias) keep their stored dtype
+                dtype = reader.tensors[reader.arch.names.disk_name(f"{prefix}.{name}")].dtype_torch
+            else:  # float parameters in the output dtype
+                dtype = self.engine.out_dtype
+            self.tensors[name] = tensor.detach().to(dtype)
         log.debug("layer %d quantized: loss %.4g", self.index, self.report.loss)
         return {k: v.contiguous().cpu() for k, v in self.tensors.items()}
 
 
-def _sparse_block(layer: nn.Module) -> SparseMoe | None:
-    mlp = getattr(layer, "mlp", None)
-    return mlp if isinstance(mlp, SparseMoe) else None
+def _experts(layer: nn.Module) -> list[ExpertList]:
+    return [m for m in layer.modules() if isinstance(m, ExpertList)]
 
 
-def _expert_input_unit(unit: Unit) -> bool:
-    """A routed expert's gate/up unit (reads the sparse block's input)."""
-    return unit[0].startswith("mlp.experts.") and len(unit) == 2
+def _in_experts(unit: Unit, spec: LayerSpec) -> bool:
+    """A unit of one of the layer's experts."""
+    return any(unit[0].startswith(e + ".") for e in spec.experts)
+
+
+def _expert_input_unit(unit: Unit, spec: LayerSpec) -> bool:
+    """An expert's gate/up unit (it reads the experts' input)."""
+    return _in_experts(unit, spec) and unit[0].rpartition(".")[2] in ("gate_proj", "up_proj")
+
+
+def _hook_experts_input(layer: nn.Module, name: str, hook):
+    """A pre-hook seeing the experts' input [tokens, H] with padding (the experts' own input, or for
+    router-scaled experts, Llama 4's, the block's input, which it also keeps as the experts' `block_tokens`)."""
+    experts = layer.get_submodule(name)
+    if not experts.scaled_input:
+        return experts.register_forward_pre_hook(hook)
+    block = layer.get_submodule(name.rpartition(".")[0])
+
+    def on_block(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        mask = experts.token_mask
+        experts.block_tokens = x if mask is None or mask.numel() != x.shape[0] else x[mask.reshape(-1).to(x.device)]
+        if hook is not None:
+            hook(module, (args[0],))
+    return block.register_forward_pre_hook(on_block)
 
 
 def _check_finite(name: str, index: int, result: QuantResult) -> None:

@@ -6,16 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from quantizer.architectures import get_architecture
 from quantizer.config import QuantConfig
+from quantizer.decoder import Architecture, load_config
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import set_submodule
-from quantizer.moe import SparseMoe
 from quantizer.qlinear import QuantLinear
 
 
@@ -29,46 +28,44 @@ def is_quantized(model_dir: Path) -> bool:
     return bool(quantization_config(model_dir))
 
 
-def module_name(arch, name: str) -> str:
-    """A full tensor name on disk → its name in our modules (Mixtral's block_sparse_moe → mlp)."""
-    prefix = arch.layers_prefix + "."
-    if not name.startswith(prefix):
-        return name
-    index, _, local = name[len(prefix):].partition(".")
-    return f"{prefix}{index}.{arch.from_disk(local)}"
-
-
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A causal LM ready for inference; GPTQ checkpoints get QuantLinear projections."""
+    """A causal LM ready for inference; GPTQ checkpoints get QuantLinear projections (experts one module each)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir} has no config.json; pass a model directory")
+    config = load_config(model_dir)
     if not is_quantized(model_dir):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    config = AutoConfig.from_pretrained(model_dir)
+        return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
     qdict = dict(config.quantization_config)
     if qdict.get("checkpoint_format", qdict.get("format", "gptq")) != "gptq" or qdict.get("quant_method") != "gptq":
         raise ConfigError(f"{model_dir} is not a GPTQ v1 checkpoint (quantization_config: {qdict})")
     qcfg = QuantConfig.from_hf(qdict)
     del config.quantization_config
-    config._attn_implementation = "sdpa"
-    arch = get_architecture(config.model_type)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        for i in range(config.num_hidden_layers):  # sparse blocks: one module per expert, as on disk
-            if arch.is_sparse(config, i):
-                model.get_submodule(arch.layer_prefix(i)).mlp = SparseMoe(arch.moe, config).to(dtype)
-    for i in range(config.num_hidden_layers):
-        for name in arch.linear_names(config, i):
-            full = f"{arch.layer_prefix(i)}.{name}"
-            old = model.get_submodule(full)
-            set_submodule(model, full, QuantLinear(qcfg.bits, qcfg.group_size, old.in_features, old.out_features,
-                                                   old.bias is not None))
+    shards = sorted(model_dir.glob("model*.safetensors"))
+    names = []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            names += list(f.keys())
+    arch = Architecture(config, names)
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("model*.safetensors")):
-        state.update({module_name(arch, k): v for k, v in load_file(str(shard)).items()})
-    floats = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith((".scales", ".bias")) else v)
-              for k, v in state.items()}
+    for shard in shards:
+        state.update({arch.names.to_module[k]: v for k, v in load_file(str(shard)).items()})
+    for i in range(arch.num_layers):  # fused float tensors (none in our checkpoints) and Conv1D orientation
+        prefix = arch.layer_prefix(i) + "."
+        own = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in arch.split_fused(i, own).items()})
+    model = arch.model  # meta weights; rotary buffers computed for real. Its layers are replaced by ours:
+    for i in range(arch.num_layers):
+        layer = arch.empty_layer(i)
+        for name in arch.linear_names(i):
+            old = layer.get_submodule(name)
+            set_submodule(layer, name, QuantLinear(qcfg.bits, qcfg.group_size, old.in_features, old.out_features,
+                                                   old.bias is not None))
+        set_submodule(model, arch.layer_prefix(i), layer)
+    buffers = {name for name, _ in model.named_buffers()}
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}  # scales/bias: fp16
+    floats = {k: (v.to(dtype) if v.is_floating_point() and k.rpartition(".")[0] not in quantized and k not in buffers
+                  else v) for k, v in state.items()}
     model.load_state_dict(floats, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from quantizer.architectures import Architecture, get_architecture
+from quantizer.decoder import Architecture, load_config
 from quantizer.errors import ConfigError
 from quantizer.sources import LocalSource, ModelSource
 
@@ -39,6 +39,18 @@ class TensorInfo:
         return n * _DTYPE_BYTES.get(self.dtype, 4)
 
 
+# What to do with a checkpoint someone already quantized, by its quantization_config's quant_method
+QUANTIZED_SOURCES = {
+    "gptq": "it is already a GPTQ checkpoint; quantize the float (bf16/fp16) release of the model instead",
+    "awq": "it is an AWQ checkpoint; quantize the float (bf16/fp16) release of the model instead",
+    "compressed-tensors": "it is a compressed-tensors checkpoint; quantize the float (bf16/fp16) release instead",
+    "mxfp4": "its experts are MXFP4; use the bf16 release (e.g. unsloth/gpt-oss-*-BF16), or load it in transformers "
+             "with Mxfp4Config(dequantize=True) and save_pretrained a bf16 copy",
+    "fp8": "it is an FP8 checkpoint, which this version does not read; use its bf16 release, or dequantize it with "
+           "transformers (FineGrainedFP8Config(dequantize=True)) and save_pretrained a bf16 copy",
+}
+
+
 @dataclass
 class CheckpointReader:
     """A causal-LM checkpoint: config.json and safetensors headers up front, tensors when asked for.
@@ -53,18 +65,27 @@ class CheckpointReader:
         if not isinstance(self.source, ModelSource):
             self.source = LocalSource(Path(self.source))
         where = self.source.description
-        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.config = load_config(self.model_dir)
         archs = getattr(self.config, "architectures", None) or []
-        if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             raise ConfigError(
                 f"{where} holds a {archs[0]}, not a causal language model (…ForCausalLM); "
                 "rayquant quantizes decoder-only causal LMs"
             )
-        self.arch = get_architecture(self.config.model_type)
-        if getattr(self.config, "quantization_config", None):
-            raise ConfigError(f"{where} is already quantized; quantize the float checkpoint instead")
+        quantized = getattr(self.config, "quantization_config", None)
+        if quantized:
+            method = (quantized if isinstance(quantized, dict) else quantized.to_dict()).get("quant_method", "?")
+            why = QUANTIZED_SOURCES.get(str(method), "quantize the float (bf16/fp16) release of the model instead")
+            raise ConfigError(f"{where} is already quantized (quant_method {method}): {why}")
         self.tensors = {key: TensorInfo(shard, shape, dtype) for shard in self.source.shard_files()
                         for key, (shape, dtype) in self.source.header(shard).items()}
+        self.arch = Architecture(self.config, self.tensors)
+        self._by_layer: dict[int, list[str]] = {}  # layer index → disk names (layers past the model's too)
+        prefix = self.arch.layers_prefix + "."
+        for disk, module in self.arch.names.to_module.items():
+            index = module[len(prefix):].partition(".")[0] if module.startswith(prefix) else ""
+            if index.isdigit():
+                self._by_layer.setdefault(int(index), []).append(disk)
 
     @property
     def model_dir(self) -> Path:
@@ -73,44 +94,53 @@ class CheckpointReader:
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
+        return self.arch.num_layers
 
     def layer_tensor_names(self, index: int) -> list[str]:
-        prefix = self.arch.layer_prefix(index) + "."
-        return [n for n in self.tensors if n.startswith(prefix)]
+        """Disk names of layer `index`'s tensors."""
+        return self._by_layer.get(index, [])
+
+    def skipped_tensors(self) -> list[str]:
+        """Disk names of tensors under the decoder layers that the causal LM does not use: layers past
+        num_hidden_layers (DeepSeek-V3's and GLM-4.5's multi-token-prediction layer)."""
+        return [n for index, names in sorted(self._by_layer.items()) if index >= self.num_layers for n in names]
 
     def linear_shapes(self, index: int) -> dict[str, tuple[int, int]]:
         """Module name (relative to the layer) → (out, in) of each projection quantized in layer `index`."""
-        prefix = self.arch.layer_prefix(index)
-        shapes = {}
-        for name in self.arch.linear_names(self.config, index):
-            key = f"{prefix}.{self.arch.to_disk(name)}.weight"
-            if key not in self.tensors:
-                raise ConfigError(f"tensor {key} is missing from {self.source.description}: the checkpoint is "
-                                  "incomplete (re-download or re-convert it)")
-            shapes[name] = tuple(self.tensors[key].shape)
-        return shapes
+        return self.arch.linear_shapes(index)
 
     def check_complete(self) -> None:
-        """Every layer's projections (every expert's, in a sparse layer) and its float router weights are in
-        the headers: a missing tensor is refused before any work starts."""
+        """Every tensor of every layer (every expert's, in a sparse layer) is in the headers: a missing tensor is
+        refused before any work starts."""
         for index in range(self.num_layers):
-            self.linear_shapes(index)
-            prefix = self.arch.layer_prefix(index)
-            for name in self.arch.float_names(self.config, index):
-                key = f"{prefix}.{self.arch.to_disk(name)}.weight"
-                if key not in self.tensors:
-                    raise ConfigError(f"tensor {key} is missing from {self.source.description}: the checkpoint is "
-                                      "incomplete (re-download or re-convert it)")
+            prefix = self.arch.layer_prefix(index) + "."
+            have = {self.arch.names.to_module[n][len(prefix):] for n in self.layer_tensor_names(index)}
+            missing = self.arch.missing_tensors(index, have)
+            if missing:
+                raise ConfigError(f"tensor {prefix}{missing[0]} is missing from {self.source.description}"
+                                  f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the checkpoint "
+                                  "is incomplete (re-download or re-convert it)")
 
     def layer_bytes(self, index: int) -> int:
         return sum(self.tensors[n].nbytes for n in self.layer_tensor_names(index))
 
-    def tensor_bytes(self, prefix: str) -> int:
-        return sum(t.nbytes for n, t in self.tensors.items() if n.startswith(prefix + "."))
+    def outside_layers(self) -> list[str]:
+        """Disk names of the tensors outside the decoder layers (embeddings, final norm, head, …)."""
+        inside = {n for names in self._by_layer.values() for n in names}
+        return [n for n in self.tensors if n not in inside]
+
+    def head_names(self) -> list[str]:
+        """Disk names of the output head's tensors (none with tied embeddings)."""
+        if self.arch.lm_head is None:
+            return []
+        prefix = self.arch.lm_head + "."
+        return [n for n in self.outside_layers() if self.arch.names.to_module[n].startswith(prefix)]
+
+    def tensor_bytes(self, names: list[str]) -> int:
+        return sum(self.tensors[n].nbytes for n in names)
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Load only the named tensors, opening each shard once."""
+        """Load only the named tensors (disk names), opening each shard once."""
         by_file: dict[str, list[str]] = {}
         for n in names:
             if n not in self.tensors:
@@ -128,12 +158,23 @@ class CheckpointReader:
                 raise ConfigError(f"could not read {keys[0]} from {self.source.description}/{file}: {exc}") from exc
         return out
 
-    def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors under `prefix.`, with the prefix stripped."""
-        names = [n for n in self.tensors if n.startswith(prefix + ".")]
-        return {n[len(prefix) + 1 :]: t for n, t in self.load(names).items()}
+    def load_modules(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors by disk name → by module name."""
+        return {self.arch.names.to_module[n]: t for n, t in self.load(names).items()}
+
+    def layer_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s float tensors, named as in its modules (relative to the layer; experts per expert)."""
+        prefix = self.arch.layer_prefix(index) + "."
+        state = {k[len(prefix):]: v for k, v in self.load_modules(self.layer_tensor_names(index)).items()}
+        return self.arch.split_fused(index, state)
+
+    def embedding_info(self) -> TensorInfo:
+        return self.tensors[self.arch.names.disk_name(self.arch.embed + ".weight")]
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.load_modules([self.arch.names.disk_name(self.arch.embed + ".weight")])[self.arch.embed + ".weight"]
 
     def lm_head_weight(self) -> torch.Tensor:
-        if self.arch.lm_head + ".weight" in self.tensors:
-            return self.load([self.arch.lm_head + ".weight"])[self.arch.lm_head + ".weight"]
-        return self.load([self.arch.embed + ".weight"])[self.arch.embed + ".weight"]  # tied embeddings
+        head = self.head_names()
+        weight = next((n for n in head if n.endswith(".weight")), None)
+        return self.load([weight])[weight] if weight else self.embedding_weight()  # tied embeddings

@@ -112,7 +112,7 @@ def test_moe_auto_calibration_decides_on_the_whole_calibration(moe_runs):
 
 def test_units_are_owned_by_solve_cost(tiny_llama):
     reader = CheckpointReader(tiny_llama)
-    groups = list(reader.arch.layer_units(reader.config, 0))
+    groups = list(reader.arch.layer_units(0))
     owners = assign_units(reader, 0, groups, 2)  # solve costs rows·in²: 8.4M, 8.4M, 4.2M, 2.1M
     assert owners == {("mlp.gate_proj", "mlp.up_proj"): 0, ("mlp.down_proj",): 1,
                       ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): 0, ("self_attn.o_proj",): 1}

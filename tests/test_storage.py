@@ -194,7 +194,7 @@ def test_hub_stage_fetches_only_the_shards_of_its_layers(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     reader = CheckpointReader(HubSource("acme/sharded", "c" * 40))
     assert not any(f.endswith(".safetensors") for f in fetched)  # the driver's view: headers only
-    layer = reader.load_prefix("model.layers.2")
+    layer = reader.layer_state(2)
     needed = {reader.tensors[f"model.layers.2.{k}"].file for k in layer}
     assert {f for f in fetched if f.endswith(".safetensors")} == needed and len(needed) < len(shards)
 

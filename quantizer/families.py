@@ -1,0 +1,22 @@
+"""What rayquant cannot read from transformers' modules, per family: nothing else is written by hand.
+
+Everything about a decoder layer — its projections, which share an input (one Hessian), the order the forward
+calls them, its experts and their names on disk — is read from the layer transformers builds (see
+`quantizer/decoder.py`). What stays here:
+- aliases: config `model_type`s that transformers does not know but that are an architecture it has (Kimi-K2
+  checkpoints say `kimi_k2` and ship remote code for what is DeepSeek-V3); rayquant never runs remote code;
+- float: `nn.Linear`s that must stay float beyond the generic rule (every `nn.Linear` that sits directly in a
+  block holding experts — routers, shared-expert gates — stays float);
+- refused: families whose layers rayquant cannot run, with the reason.
+"""
+
+from __future__ import annotations
+
+ALIASES: dict[str, str] = {
+    "kimi_k2": "deepseek_v3",  # moonshotai/Kimi-K2-*: DeepseekV3ForCausalLM with 384 experts
+}
+
+# fnmatch patterns of module names (relative to a decoder layer) kept float in addition to the generic rule
+FLOAT: dict[str, tuple[str, ...]] = {}
+
+REFUSED: dict[str, str] = {}
