@@ -1,14 +1,15 @@
 """Perplexity of a mixture of experts float vs int4 and int3 — SmolLM2-135M upcycled into a Qwen2-MoE with 8
 noisy copies of each MLP as experts and a random router (bench/upcycle_moe.py; `--model upcycled`, the
-default), or the small MoE trained from scratch (bench/train_moe.py: Qwen3-MoE, 16 experts; `--model
-trained`) — (g64 sym, group-aware order): GPTQ calibrating every expert on every token (our
+default), or a small MoE trained from scratch (bench/train_moe.py, 16 experts: Qwen3-MoE, DeepSeek-V3 with
+MLA, or GLM-4.5; `--model trained --family F`) — (g64 sym, group-aware order): GPTQ calibrating every expert on every token (our
 default), GPTQ on routed tokens only, round-to-nearest, and GPTQModel 7.6.0 on the same settings (its MoE
 default: routed tokens, RTN below 0.5 % of the tokens), all with the same 128 calibration samples of the
 shipped Wikipedia text (≤ 512 tokens) and evaluated on the shipped gensim Wikipedia text (32 × 512
 tokens). Also the per-layer wall with 1 and 2 solve workers, on that model and on a wider random MoE
 (hidden 2048, 16 experts of width 2048) where the expert solves weigh as much as the calibration passes.
 
-Usage: python -m bench.moe_quality [--model upcycled|trained] [--windows 32] [--no-workers | --workers-only]
+Usage: python -m bench.moe_quality [--model upcycled|trained] [--family qwen3_moe|deepseek_v3|glm4_moe]
+                                   [--windows 32] [--no-workers | --workers-only]
 (needs the interop extra; ~90 min for the upcycled model)
 """
 
@@ -78,6 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--model", choices=["upcycled", "trained"], default="upcycled")
+    parser.add_argument("--family", choices=sorted(train_moe.MODELS), default="qwen3_moe",
+                        help="the trained model's architecture (--model trained)")
     parser.add_argument("--train-minutes", type=float, default=8.0)
     parser.add_argument("--no-workers", action="store_true", help="skip the solve-workers timing")
     parser.add_argument("--workers-only", action="store_true",
@@ -95,12 +98,14 @@ def main() -> None:
         about = "SmolLM2-135M upcycled: Qwen2-MoE, 8 experts (the MLP + 5 % noise each), top-2, random router"
         table = "moe_quality"
     else:
-        float_dir = train_moe.default_out()
-        training = train_moe.train(float_dir, args.train_minutes) if not float_dir.exists() else \
-            json.loads((float_dir / "training.json").read_text())
-        about = (f"Qwen3-MoE 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
-                 f"({training['seconds']:.0f} s; bench/train_moe.py)")
-        table = "moe_quality_trained"
+        float_dir = train_moe.default_out(args.family)
+        training = train_moe.train(float_dir, args.train_minutes, family=args.family) if not float_dir.exists() \
+            else json.loads((float_dir / "training.json").read_text())
+        name = {"qwen3_moe": "Qwen3-MoE", "deepseek_v3": "DeepSeek-V3 (MLA, dense first layer, shared expert)",
+                "glm4_moe": "GLM-4.5 (GLM4-MoE: dense first layer, shared expert)"}[args.family]
+        about = (f"{name} 16 experts top-2, 4 layers, hidden 256, trained {training['tokens']} tokens "
+                 f"({training['seconds']:.0f} s; bench/train_moe.py --family {args.family})")
+        table = "moe_quality_trained" if args.family == "qwen3_moe" else f"moe_quality_{args.family}"
     quality_rows(float_dir, about, table, args.runs.split(","), args.windows)
     if not args.no_workers:
         solve_worker_rows([(float_dir, "upcycled SmolLM2 (hidden 576, 8 × 1536 experts)" if args.model == "upcycled"

@@ -185,14 +185,24 @@ def _data_parallel(ax, rows: Rows) -> None:
     ax.legend(fontsize=8)
 
 
+def _coverage(ax, rows: Rows) -> None:
+    statuses = ["quantized", "refused", "no tiny instance", "failed"]
+    counts = [sum(r["status"] == s for r in rows) for s in statuses]
+    _hbars(ax, statuses, counts, ["tab:green", "tab:orange", "tab:gray", "tab:red"], "families",
+           f"transformers' decoder-only families: {counts[0]} of {len(rows)} quantize")
+    for y, count in enumerate(counts):
+        ax.text(count, y, f" {count}", va="center")
+
+
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
+    "coverage": _coverage,
     "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "solve_cuda": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
     "serving_engines": _serving_engines, "serving_kv_cache": _serving_kv_cache,
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
     "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode, "rehearsal_72b": _rehearsal_72b,
     "rehearsal_72b_layer0": _rehearsal_72b_layer0, "moe_quality": _moe_quality,
-    "moe_quality_trained": _moe_quality, "moe_solve_workers": _moe_solve_workers, "rehearsal_235b": _rehearsal_235b,
+    "moe_quality_trained": _moe_quality, "moe_quality_deepseek_v3": _moe_quality, "moe_quality_glm4_moe": _moe_quality, "moe_solve_workers": _moe_solve_workers, "rehearsal_235b": _rehearsal_235b,
     "data_parallel": _data_parallel, "data_parallel_7b_layer": _data_parallel,
 }
 

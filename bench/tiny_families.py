@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.pytorch_utils import Conv1D
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,13 @@ SIZES: dict[str, object] = {
 # Families whose config defaults leave a size unset (None) that the tiny instance needs
 OVERRIDES: dict[str, dict[str, object]] = {
     "deepseek_v2": {"num_experts_per_tok": 2},
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "hunyuan_v1_dense": {"head_dim": 16}, "hunyuan_v1_moe": {"head_dim": 16}, "ministral": {"head_dim": 16},
+    "nemotron": {"num_key_value_heads": 2, "head_dim": 16},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "falcon_h1": {"mamba_d_ssm": 128}, "mamba2": {"num_heads": 4, "head_dim": 32, "n_groups": 1},
+    "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1}, "zaya": {"num_experts_per_tok": 1},
+    "xlnet": {"d_head": 16},
 }
 
 
@@ -147,3 +155,37 @@ def write_tiny_family(path: Path, model_type: str, seed: int = 0, dtype: torch.d
     model.to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def dequantized_reference(float_dir: Path, quant_dir: Path) -> torch.nn.Module:
+    """transformers' own float model (fused experts, Conv1D as stored) carrying the checkpoint's dequantized
+    weights."""
+    from quantizer.decoder import load_config
+    from quantizer.experts import ExpertList
+    from quantizer.loading import load_model
+    from quantizer.qlinear import QuantLinear
+
+    quantized = load_model(quant_dir)
+    model = AutoModelForCausalLM.from_pretrained(float_dir, config=load_config(float_dir), dtype=torch.float32)
+    state = model.state_dict()
+    experts = {name: module for name, module in quantized.named_modules() if isinstance(module, ExpertList)}
+    for name, module in quantized.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        weight = module.dequantized_weight(torch.float32)
+        owner = next((e for e in experts if name.startswith(e + ".")), None)
+        if owner is None:  # GPT-2's Conv1D stores [in, out]
+            state[f"{name}.weight"] = weight.t() if isinstance(model.get_submodule(name), Conv1D) else weight
+            continue
+        block = experts[owner]
+        e, _, proj = name[len(owner) + 1:].partition(".")
+        fused = f"{owner}.gate_up_proj" if proj in ("gate_proj", "up_proj") and block.gated else f"{owner}.{proj}"
+        target = state[fused][int(e)]
+        rows = slice(0, block.width) if proj == "gate_proj" else slice(block.width, None) if block.gated and \
+            proj == "up_proj" else slice(None)
+        if block.transposed:
+            target[:, rows] = weight.t()
+        else:
+            target[rows] = weight
+    model.load_state_dict(state)
+    return model.eval()

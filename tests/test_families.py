@@ -14,16 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from bench.tiny_families import write_tiny_family
+from bench.tiny_families import dequantized_reference, write_tiny_family
 from quantizer.activations import MemoryStore, TokenBatch
 from quantizer.config import QuantConfig
-from quantizer.decoder import load_config
 from quantizer.engine import StageEngine
 from quantizer.errors import ConfigError
-from quantizer.experts import ExpertList
 from quantizer.loading import load_model
 from quantizer.model_io import CheckpointReader
-from quantizer.qlinear import QuantLinear
 from rayquant.cli import main
 from tests.test_pipeline import checkpoint_tensors, run_job
 from tests.tiny_models import write_tiny_model, write_tiny_moe
@@ -101,35 +98,6 @@ def test_mla_without_q_lora_rank(float32_models):
 
 
 # ---- through the pipeline --------------------------------------------------------------------------------
-def dequantized_reference(float_dir: Path, quant_dir: Path) -> torch.nn.Module:
-    """transformers' own float model (fused experts, Conv1D as stored) carrying the checkpoint's dequantized
-    weights."""
-    quantized = load_model(quant_dir)
-    model = AutoModelForCausalLM.from_pretrained(float_dir, config=load_config(float_dir), dtype=torch.float32)
-    state = model.state_dict()
-    experts = {name: module for name, module in quantized.named_modules() if isinstance(module, ExpertList)}
-    for name, module in quantized.named_modules():
-        if not isinstance(module, QuantLinear):
-            continue
-        weight = module.dequantized_weight(torch.float32)
-        owner = next((e for e in experts if name.startswith(e + ".")), None)
-        if owner is None:
-            state[f"{name}.weight"] = weight
-            continue
-        block = experts[owner]
-        e, _, proj = name[len(owner) + 1:].partition(".")
-        fused = f"{owner}.gate_up_proj" if proj in ("gate_proj", "up_proj") and block.gated else f"{owner}.{proj}"
-        target = state[fused][int(e)]
-        rows = slice(0, block.width) if proj == "gate_proj" else slice(block.width, None) if block.gated and \
-            proj == "up_proj" else slice(None)
-        if block.transposed:
-            target[:, rows] = weight.t()
-        else:
-            target[rows] = weight
-    model.load_state_dict(state)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, ray_local):
     """quantized(family) → (float dir, GPTQ dir): a tiny bf16 model through `rayquant quantize`'s pipeline."""

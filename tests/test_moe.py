@@ -22,6 +22,7 @@ from quantizer.loading import load_model
 from quantizer.model_io import CheckpointReader
 from quantizer.experts import ExpertList
 from rayquant.cli import main
+from bench.tiny_families import dequantized_reference
 from tests.gptqmodel_child import gptqmodel_logits
 from tests.test_pipeline import assert_same_tensors, checkpoint_tensors, run_job
 from tests.tiny_models import write_tiny_moe
@@ -165,30 +166,6 @@ def quantized_moe(moe_models, tmp_path_factory, ray_local):
         outs[family] = root / family
         run_job(moe_models[family], outs[family], stages=2, **{"quant.desc_act": False})
     return outs
-
-
-def dequantized_reference(float_dir: Path, quant_dir: Path) -> torch.nn.Module:
-    """transformers' own float model (fused experts) carrying the checkpoint's dequantized weights."""
-    quantized = load_model(quant_dir)
-    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
-    state = model.state_dict()
-    for name, module in quantized.named_modules():
-        if hasattr(module, "dequantized_weight"):
-            weight = module.dequantized_weight(torch.float32)
-            target = name.replace("block_sparse_moe", "mlp")
-            if ".experts." in target:  # into the fused [E, 2I, H] / [E, H, I] tensors
-                prefix, _, rest = target.partition(".experts.")
-                e, _, proj = rest.partition(".")
-                if proj in ("gate_proj", "w1"):
-                    state[f"{prefix}.experts.gate_up_proj"][int(e), : weight.shape[0]] = weight
-                elif proj in ("up_proj", "w3"):
-                    state[f"{prefix}.experts.gate_up_proj"][int(e), weight.shape[0]:] = weight
-                else:
-                    state[f"{prefix}.experts.down_proj"][int(e)] = weight
-            else:
-                state[f"{target}.weight"] = weight
-    model.load_state_dict(state)
-    return model.eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
