@@ -79,13 +79,14 @@ def check_shapes(reader: CheckpointReader, job: JobConfig, intermediate: int) ->
     if job.quant.pad_intermediate_to and (sparse or DENSE_MLP_OUT not in arch.linear_names(0)):
         raise ConfigError(f"pad_intermediate_to applies to Llama-style dense MLPs (mlp.gate_proj / up_proj / "
                           f"down_proj); {reader.arch.model_type} has other or expert MLPs (leave it at 0)")
-    checked: set[tuple[str, int]] = set()
+    checked: set[tuple[str, int, int]] = set()
     for index in range(arch.num_layers):
-        for name, (_, in_features) in arch.linear_shapes(index).items():
+        for name, (out_features, in_features) in arch.linear_shapes(index).items():
             kind = name.rpartition(".")[2]
-            if (kind, in_features) not in checked:
-                checked.add((kind, in_features))
+            if (kind, out_features, in_features) not in checked:
+                checked.add((kind, out_features, in_features))
                 job.quant.check_in_features(name, in_features)
+                job.quant.check_out_features(name, out_features)
     skipped = reader.skipped_tensors()
     if skipped:
         log.info("skipping %d tensors of layers past num_hidden_layers (%s, …): not part of the causal LM "

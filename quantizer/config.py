@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,14 @@ class QuantConfig:
             )
         if in_features % 32 != 0:
             raise ConfigError(f"{name} has in_features={in_features}, not a multiple of 32: GPTQ packing needs it")
+
+    def check_out_features(self, name: str, out_features: int) -> None:
+        """The zeros of a row group are packed along the outputs, 32 // bits to a word (3 bits: 32 outputs)."""
+        if out_features * self.bits % 32 != 0:
+            step = 32 // math.gcd(32, self.bits)
+            raise ConfigError(f"{name} has out_features={out_features}, not a multiple of {step}: GPTQ packs its "
+                              f"{self.bits}-bit zeros {step} outputs to a 32-bit word; use other bits or leave "
+                              "this model unquantized")
 
     @property
     def scattered_groups(self) -> bool:

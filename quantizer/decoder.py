@@ -265,11 +265,13 @@ def trace_layer(layer: nn.Module, call: LayerCall, float_patterns: tuple[str, ..
     """Run `layer` once on the meta device with hooks and read off its LayerSpec (see the module docstring)."""
     experts = tuple(name for name, m in layer.named_modules() if isinstance(m, ExpertList))
     blocks = {name.rpartition(".")[0] for name in experts}  # modules holding experts: their own Linears stay float
+    routes = {layer.get_submodule(name).num_experts for name in experts}  # a Linear with one output per expert routes
     floats, projections = [], {}
     for name, module in layer.named_modules():
         if type(module) is not nn.Linear:
             continue
-        if name.rpartition(".")[0] in blocks or any(fnmatch.fnmatch(name, p) for p in float_patterns):
+        if name.rpartition(".")[0] in blocks or module.out_features in routes or \
+                any(fnmatch.fnmatch(name, p) for p in float_patterns):
             floats.append(name)
         else:
             projections[name] = module

@@ -5,8 +5,9 @@ calls them, its experts and their names on disk — is read from the layer trans
 `quantizer/decoder.py`). What stays here:
 - aliases: config `model_type`s that transformers does not know but that are an architecture it has (Kimi-K2
   checkpoints say `kimi_k2` and ship remote code for what is DeepSeek-V3); rayquant never runs remote code;
-- float: `nn.Linear`s that must stay float beyond the generic rule (every `nn.Linear` that sits directly in a
-  block holding experts — routers, shared-expert gates — stays float);
+- float: `nn.Linear`s that must stay float beyond the generic rules (an `nn.Linear` that sits directly in a
+  block holding experts — routers, shared-expert gates — or that has one output per expert stays float; so does
+  one the layer's forward never calls, reading its weight directly);
 - refused: families whose layers rayquant cannot run, with the reason.
 """
 

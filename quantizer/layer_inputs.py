@@ -140,9 +140,10 @@ class LayerInputs:
                 self.model(**kwargs)
         except _Stop:
             pass
-        except TypeError as exc:
-            raise ConfigError(f"{self.arch.model_type}: its model forward does not take the inputs rayquant gives "
-                              f"it ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001 - the family's own forward, refused with what it said
+            how = "the token ids" if input_ids is not None else "stand-in embeddings (later stages have no table)"
+            raise ConfigError(f"{self.arch.model_type}: its model forward cannot compute the decoder layers' inputs "
+                              f"from {how} ({type(exc).__name__}: {exc})") from exc
         return self.calls
 
     def check_between_layers(self, mask: torch.Tensor) -> None:

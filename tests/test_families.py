@@ -22,7 +22,8 @@ from quantizer.errors import ConfigError
 from quantizer.loading import load_model
 from quantizer.model_io import CheckpointReader
 from rayquant.cli import main
-from tests.test_pipeline import checkpoint_tensors, run_job
+from tests.inline_job import quantize_inline
+from tests.test_pipeline import assert_same_tensors, checkpoint_tensors, run_job
 from tests.tiny_models import write_tiny_model, write_tiny_moe
 
 FAMILIES = ["deepseek_v3", "deepseek_v2", "glm4_moe", "minimax_m2", "gpt_oss", "qwen3_next", "llama4_text", "olmoe",
@@ -99,18 +100,26 @@ def test_mla_without_q_lora_rank(float32_models):
 
 # ---- through the pipeline --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, ray_local):
-    """quantized(family) → (float dir, GPTQ dir): a tiny bf16 model through `rayquant quantize`'s pipeline."""
+def quantized(tmp_path_factory):
+    """quantized(family) → (float dir, GPTQ dir): a tiny bf16 model quantized as a one-stage job (in this
+    process: tests/inline_job.py)."""
     root = tmp_path_factory.mktemp("families")
     made: dict[str, tuple[Path, Path]] = {}
 
     def get(family: str) -> tuple[Path, Path]:
         if family not in made:
             model = write_tiny_family(root / family, family)
-            run_job(model, root / f"{family}-gptq", stages=1, **{"quant.desc_act": False})
+            quantize_inline(model, root / f"{family}-gptq", **{"quant.desc_act": False})
             made[family] = model, root / f"{family}-gptq"
         return made[family]
     return get
+
+
+def test_inline_job_writes_what_the_pipeline_writes(quantized, tmp_path, ray_local):
+    """The in-process one-stage job these tests use gives the Ray pipeline's checkpoint bit for bit."""
+    float_dir, inline = quantized("deepseek_v3")
+    run_job(float_dir, tmp_path / "pipeline", stages=1, **{"quant.desc_act": False})
+    assert_same_tensors(inline, tmp_path / "pipeline")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -225,14 +234,14 @@ def test_a_projection_that_is_not_linear_nor_experts_is_refused_before_ray(tmp_p
 
 # ---- the seven families of earlier releases -----------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"])
-def test_earlier_families_give_the_tensors_they_gave_before(family, tmp_path, ray_local):
+def test_earlier_families_give_the_tensors_they_gave_before(family, tmp_path):
     """tests/data/families_before holds the layers the hand-written family tables wrote (commit 899e15a) for
     these tiny models. On the machine that made them, six families come out bit for bit and qwen2_moe's codes
     do too, with 6 scale tensors one fp16 step apart on 0.4 % of entries (its shared expert now runs as
     transformers runs it); elsewhere float rounding of the BLAS at hand may flip a few codes."""
     model = (write_tiny_moe(tmp_path / family, family) if family in ("qwen3_moe", "qwen2_moe", "mixtral")
              else write_tiny_model(tmp_path / family, family, layers=2))
-    run_job(model, tmp_path / "out", stages=1)
+    quantize_inline(model, tmp_path / "out")
     after = {k: v for k, v in checkpoint_tensors(tmp_path / "out").items() if k.startswith("model.layers.")}
     before = load_file(str(BEFORE / f"{family}.safetensors"))
     assert sorted(after) == sorted(before)

@@ -272,3 +272,57 @@ def test_vllm_server_cancelled_stream_and_concurrent_clients(vllm_server):
         PROMPTS[(n + i) % len(PROMPTS)], max_new_tokens=8, temperature=0).usage.completion_tokens)
     assert not failures, failures[:3]
     assert len(done) == 64 and all(n >= 1 for n in done)
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory, ray_local):
+    """family_checkpoints(family) → a tiny GPTQ checkpoint of that family (made on first use)."""
+    from bench.tiny_families import write_tiny_family
+    from tests.test_pipeline import run_job
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            run_job(write_tiny_family(root / "float", family), root / "gptq", stages=1, **{"quant.desc_act": False})
+            made[family] = root / "gptq"
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "minimax_m2"])
+def test_vllm_maps_our_large_moe_family_checkpoints(family_checkpoints, family):
+    """vLLM's config parser builds a GPTQ MoE model from our checkpoint, and every quantized module is one its
+    loader takes: an expert named as its model's expert mapping names them (read from vLLM's own source:
+    gate_proj / up_proj / down_proj, MiniMax-M2's w1 / w3 / w2 under block_sparse_moe), or a projection its model
+    file names (its packed q_a_proj + kv_a_proj_with_mqa and gate + up among them: one quantization setting
+    for all, as vLLM requires of fused projections). Routers stay float."""
+    import inspect
+    import re
+
+    from vllm import EngineArgs
+    from vllm.model_executor.layers.fused_moe import layer as fused_moe
+    from vllm.model_executor.models import ModelRegistry
+
+    out = family_checkpoints(family)
+    model_config = EngineArgs(model=str(out), dtype="bfloat16", enforce_eager=True).create_model_config()
+    assert model_config.quantization in ("gptq", "gptq_marlin", "auto_gptq")
+    assert model_config.get_num_experts() == 4
+    cls, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    source = inspect.getsource(inspect.getmodule(cls))
+    named = re.search(r"ckpt_names=\(([^)]*)\)", source)
+    expert_names = set(re.findall(r'"(\w+)"', named.group(1))) if named else {
+        n for n in inspect.signature(fused_moe.FusedMoEFactory).parameters["ckpt_names"].default if n}
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    quantized = {name.rpartition(".")[0] for name in index if name.endswith(".qweight")}
+    for module in quantized:
+        local = module.split(".", 3)[3]  # past model.layers.N.
+        expert = re.fullmatch(r"(\w+)\.experts\.\d+\.(\w+)", local)
+        if expert:
+            assert expert.group(2) in expert_names and f"self.{expert.group(1)} =" in source, module
+        else:
+            assert re.search(rf"\b{local.rpartition('.')[2]}\b", source), module
+    routers = [name for name in index if re.search(r"\.gate\.weight$", name)]
+    assert routers and not any(r.replace(".weight", ".qweight") in index for r in routers)
