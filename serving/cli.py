@@ -55,8 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         config.api_key()  # the local Ray's replicas inherit this environment: a missing key fails here
     started = connect_ray(args.address, 1, config.metrics_port)
-    log.info("serving %s with the %s engine (%s KV cache): gRPC on %s:%d, GET /healthz on %s:%d%s%s (Ctrl-C "
-             "stops)", config.model, engine, kv_cache_dtype, config.host, config.grpc_port, config.host,
+    log.info("serving %s as %r with the %s engine (%s KV cache): gRPC on %s:%d, OpenAI API and GET /healthz on "
+             "http://%s:%d%s%s (Ctrl-C stops)", config.model, config.served_model_name or config.model, engine,
+             kv_cache_dtype, config.host, config.grpc_port, config.host,
              config.http_port, f", API key from ${config.api_key_env}" if config.api_key_env else "",
              f", Prometheus metrics on :{config.metrics_port}/metrics" if started else "")
     started_serve = False

@@ -51,6 +51,7 @@ class ServeConfig:
     http_port: int = 8000  # GET /healthz answers here
     metrics_port: int = 8080  # Prometheus port of the local Ray `rayquant serve` starts (a cluster: ray start's)
     app_name: str = "rayquant"
+    served_model_name: str | None = None  # the `model` OpenAI clients send (default: `model` as written here)
     autoscaling: dict[str, Any] = field(default_factory=lambda: {"min_replicas": 1, "max_replicas": 2,
                                                                  "target_ongoing_requests": 8})
     ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})

@@ -14,9 +14,11 @@ amortize; the vLLM engine is the continuous-batching one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from pathlib import Path
-from typing import Any, AsyncIterator, NoReturn
+from typing import Any, AsyncIterator, Iterable, NoReturn
 
 import grpc
 import ray
@@ -24,7 +26,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.grpc_util import RayServegRPCContext
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from protos.grpc.health.v1 import health_pb2
 from protos.rayquant.v1 import generation_pb2 as pb
@@ -32,9 +34,11 @@ from serving.auth import Unauthenticated, check_api_key
 from quantizer.errors import ConfigError
 from serving.config import GRPC_SERVICER_FUNCTIONS, ServeConfig
 from serving.engine import GenerationEngine, serving_dtype
-from serving.metrics import ServingMetrics
+from serving.metrics import CallMetrics, ServingMetrics
+from serving.openai_api import Completion, OpenAIError, models_response, parse_request
 from serving.proxy_hooks import hook_registry, lockdown_problems, private_api_problem, proxy_env, wait_until_locked_down
-from serving.requests import InvalidRequest, PreparedRequest, SamplingParams, StepOutput
+from serving.requests import (GRPC_FIELDS, OPENAI_FIELDS, InvalidRequest, PreparedRequest, RequestTooLarge,
+                              SamplingParams, StepOutput)
 from serving.vllm_engine import VLLMEngine
 
 log = logging.getLogger("ray.serve")
@@ -68,15 +72,18 @@ class GenerationService:
         c.check_model()
         self.api_key = c.api_key()  # a named key that is missing here fails the replica, never serves open
         self.engine_name, self.kv_cache_dtype = c.resolve_engine()
+        self.model_names = [c.served_model_name or str(c.model)]  # what OpenAI clients send as `model`
+        self.started = int(time.time())
+        self.metrics = ServingMetrics(self.engine_name, self.model_names[0])
         if self.engine_name == "vllm":
             self.engine = VLLMEngine(Path(c.model), self.kv_cache_dtype, c.max_new_tokens_limit, c.max_context,
-                                     c.max_batch_size, c.vllm, serving_dtype(Path(c.model), c.dtype, True))
+                                     c.max_batch_size, c.vllm, serving_dtype(Path(c.model), c.dtype, True),
+                                     on_kv_cache_usage=self.metrics.set_kv_cache_usage)
         else:
             self.engine = GenerationEngine(c.model, self.kv_cache_dtype, c.max_new_tokens_limit, c.max_context,
                                            c.device, c.cache_dequantized_weights, c.dtype)
             self._batched.set_max_batch_size(c.max_batch_size)
             self._batched.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
-        self.metrics = ServingMetrics(self.engine_name)
         log.info("replica serving %s with the %s engine in %s, %s KV cache%s", c.model, self.engine_name,
                  self.engine.dtype, self.kv_cache_dtype, ", API key required" if self.api_key else "")
 
@@ -85,30 +92,33 @@ class GenerationService:
         if getattr(self, "engine_name", None) == "vllm":
             self.engine.shutdown()
 
-    def _authenticate(self, context: RayServegRPCContext | None) -> None:
-        metadata = context.invocation_metadata() if context is not None else []
+    def _admit(self, call: CallMetrics, prompt: str, messages: list[dict[str, str]], params: SamplingParams,
+               size: int, metadata: Iterable[tuple[str, str]], fields: dict[str, str]) -> PreparedRequest:
+        """API key, then limits and validation: the same for gRPC and HTTP calls. Raises Unauthenticated,
+        RequestTooLarge or InvalidRequest naming the problem and the fix (in the caller's field names)."""
+        c = self.config
+        code = "OK"
         try:
             check_api_key(self.api_key, metadata)
-        except Unauthenticated as exc:
-            _refuse(context, grpc.StatusCode.UNAUTHENTICATED, exc)
-
-    def _prepare(self, request: pb.GenerateRequest, context: RayServegRPCContext | None) -> PreparedRequest:
-        """Limits and validation; raises InvalidRequest (INVALID_ARGUMENT) naming the problem and the fix."""
-        c = self.config
-        try:
-            size = request.ByteSize()
             if size > c.max_request_bytes:
-                raise InvalidRequest(f"the request is {size} bytes; this server takes at most {c.max_request_bytes} "
-                                     "(max_request_bytes): send a shorter prompt")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            params = sampling_params(request, c.max_new_tokens_limit)
-            prepared = self.engine.prepare(request.prompt, messages, params)
+                raise RequestTooLarge(f"the request is {size} bytes; this server takes at most {c.max_request_bytes} "
+                                      f"(max_request_bytes): send a shorter {fields['prompt']}")
+            prepared = self.engine.prepare(prompt, messages, params, fields)
             if c.max_prompt_tokens and len(prepared.prompt_ids) > c.max_prompt_tokens:
                 raise InvalidRequest(f"the prompt has {len(prepared.prompt_ids)} tokens; this server takes at most "
-                                     f"{c.max_prompt_tokens} prompt tokens (max_prompt_tokens): shorten the prompt")
+                                     f"{c.max_prompt_tokens} prompt tokens (max_prompt_tokens): shorten the prompt",
+                                     fields["prompt"])
+            call.accepted(len(prepared.prompt_ids))
             return prepared
-        except InvalidRequest as exc:
-            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc)
+        except Unauthenticated:
+            code = "UNAUTHENTICATED"
+            raise
+        except InvalidRequest:
+            code = "INVALID_ARGUMENT"
+            raise
+        finally:
+            if code != "OK":
+                call.finished(code)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[PreparedRequest]) -> AsyncIterator[list[Any]]:
@@ -147,29 +157,36 @@ class GenerationService:
         finally:
             prepared.closed = True
 
-    async def _serve(self, method: str, request: pb.GenerateRequest,
-                     context: RayServegRPCContext | None) -> AsyncIterator[StepOutput]:
-        """One call: API key, limits, validation, decoding, with its metrics."""
-        call, code = self.metrics.call(method), "INTERNAL"
+    async def _generate(self, prepared: PreparedRequest, call: CallMetrics) -> AsyncIterator[StepOutput]:
+        """Decoding of an admitted request, with its metrics."""
+        code = "INTERNAL"
         try:
-            self._authenticate(context)
-            prepared = self._prepare(request, context)
-            call.accepted(len(prepared.prompt_ids))
             async for out in self._outputs(prepared):
                 call.tokens_sent(len(out.token_ids))
                 yield out
             code = "OK"
-        except Unauthenticated:
-            code = "UNAUTHENTICATED"
-            raise
-        except InvalidRequest:
-            code = "INVALID_ARGUMENT"
-            raise
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"
             raise
         finally:
             call.finished(code)
+
+    async def _serve(self, method: str, request: pb.GenerateRequest,
+                     context: RayServegRPCContext | None) -> AsyncIterator[StepOutput]:
+        """One gRPC call: admission (errors as gRPC status codes), then decoding."""
+        call = self.metrics.call(method)
+        metadata = context.invocation_metadata() if context is not None else []
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        try:
+            prepared = self._admit(call, request.prompt, messages, sampling_params(request, self.config
+                                                                                   .max_new_tokens_limit),
+                                   request.ByteSize(), metadata, GRPC_FIELDS)
+        except Unauthenticated as exc:
+            _refuse(context, grpc.StatusCode.UNAUTHENTICATED, exc)
+        except InvalidRequest as exc:
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc)
+        async for out in self._generate(prepared, call):
+            yield out
 
     async def Generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext | None = None) -> pb.GenerateResponse:
@@ -194,7 +211,10 @@ class GenerationService:
 
     async def ModelInfo(self, request: pb.ModelInfoRequest,
                         grpc_context: RayServegRPCContext | None = None) -> pb.ModelInfoResponse:
-        self._authenticate(grpc_context)
+        try:
+            check_api_key(self.api_key, grpc_context.invocation_metadata() if grpc_context is not None else [])
+        except Unauthenticated as exc:
+            _refuse(grpc_context, grpc.StatusCode.UNAUTHENTICATED, exc)
         qcfg = self.engine.quant_config
         return pb.ModelInfoResponse(
             model=str(self.config.model), quantized=bool(qcfg), bits=int(qcfg.get("bits", 0)),
@@ -207,12 +227,81 @@ class GenerationService:
         needed, so load balancers and probes can ask."""
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        """HTTP: GET /healthz → {"status": "ok", ...}; other paths → 404."""
-        if request.url.path.rstrip("/").endswith("/healthz"):
+    async def __call__(self, request: Request) -> Response:
+        """HTTP: GET /healthz, and the OpenAI-compatible API (serving/openai_api.py) under /v1."""
+        path = request.url.path.rstrip("/") or "/"
+        if path.endswith("/healthz"):
             return JSONResponse({"status": "ok", "model": str(self.config.model), "engine": self.engine_name,
                                  "kv_cache_dtype": self.kv_cache_dtype})
-        return JSONResponse({"error": "not found; the API is gRPC (rayquant.v1.Generation)"}, status_code=404)
+        try:
+            if path == "/v1/models" and request.method == "GET":
+                self._http_key(request)
+                return JSONResponse(models_response(self.model_names, self.started))
+            if path in ("/v1/completions", "/v1/chat/completions") and request.method == "POST":
+                return await self._openai(request, chat=path == "/v1/chat/completions")
+            raise OpenAIError(404, f"no route {request.method} {path}: this server answers POST /v1/completions, "
+                                   "POST /v1/chat/completions, GET /v1/models and GET /healthz over HTTP, and "
+                                   "rayquant.v1.Generation over gRPC", code="not_found")
+        except OpenAIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+    def _http_key(self, request: Request) -> None:
+        try:
+            check_api_key(self.api_key, request.headers.items())
+        except Unauthenticated as exc:
+            raise OpenAIError(401, str(exc).replace("gRPC metadata", "the header"), code="invalid_api_key") from exc
+
+    async def _openai(self, request: Request, chat: bool) -> Response:
+        """POST /v1/completions and /v1/chat/completions: the same admission as gRPC calls, errors in OpenAI's
+        shape (401 key, 413 size, 400 field, 404 model), then JSON or server-sent events."""
+        call = self.metrics.call("chat.completions" if chat else "completions")
+        try:
+            self._http_key(request)
+            raw = await request.body()
+            if len(raw) > self.config.max_request_bytes:
+                raise OpenAIError(413, f"the request is {len(raw)} bytes; this server takes at most "
+                                       f"{self.config.max_request_bytes} (max_request_bytes): send a shorter prompt",
+                                  code="request_too_large")
+            try:
+                body = json.loads(raw or b"null")
+            except ValueError as exc:
+                raise OpenAIError(400, f"the request body is not valid JSON ({exc})") from exc
+            parsed = parse_request(body, chat)
+            if parsed.model not in self.model_names:
+                raise OpenAIError(404, f"the model `{parsed.model}` does not exist here; this server serves "
+                                       f"{self.model_names}", param="model", code="model_not_found")
+            prepared = self._admit(call, parsed.prompt, parsed.messages, parsed.params, len(raw),
+                                   request.headers.items(), OPENAI_FIELDS)
+        except OpenAIError as exc:
+            call.finished({401: "UNAUTHENTICATED", 404: "NOT_FOUND"}.get(exc.status, "INVALID_ARGUMENT"))
+            raise
+        except InvalidRequest as exc:
+            raise OpenAIError.invalid(exc) from exc
+        completion = Completion(parsed, parsed.model)
+        outputs = self._generate(prepared, call)
+        if parsed.stream:
+            return StreamingResponse(_until_disconnect(request, completion.events(outputs)),
+                                     media_type="text/event-stream")
+        return JSONResponse(completion.response([out async for out in outputs]))
+
+
+async def _until_disconnect(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events of a streamed response until the client goes: Serve hands the replica the proxy's
+    `http.disconnect` but (ASGI ≥ 2.4) a send to a gone client does not fail, so a watcher cancels the stream,
+    which closes the request (its batch slot freed, its vLLM request aborted)."""
+    stream = asyncio.current_task()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for event in events:
+            yield event
+    finally:
+        watcher.cancel()
 
 
 def build_app(config: ServeConfig):

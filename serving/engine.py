@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from quantizer.loading import load_model, quantization_config
 from quantizer.qlinear import QuantLinear
 from serving.kv_cache import KV_CACHE_DTYPES, make_cache
-from serving.requests import (PreparedRequest, SamplingParams, StepOutput, eos_token_ids,
+from serving.requests import (GRPC_FIELDS, PreparedRequest, SamplingParams, StepOutput, eos_token_ids,
                               prepare_request)
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,11 @@ class GenerationEngine:
         self.device = torch.device(device)
 
     # ---- requests ---------------------------------------------------------------------------------
-    def prepare(self, prompt: str, messages: list[dict[str, str]], params: SamplingParams) -> PreparedRequest:
-        """Validate and tokenize a request; raises InvalidRequest naming the problem."""
-        return prepare_request(self.tokenizer, prompt, messages, params, self.max_new_tokens_limit, self.max_context)
+    def prepare(self, prompt: str, messages: list[dict[str, str]], params: SamplingParams,
+                fields: dict[str, str] = GRPC_FIELDS) -> PreparedRequest:
+        """Validate and tokenize a request; raises InvalidRequest naming the problem (in `fields`' names)."""
+        return prepare_request(self.tokenizer, prompt, messages, params, self.max_new_tokens_limit, self.max_context,
+                               fields)
 
     # ---- decoding ---------------------------------------------------------------------------------
     def stream(self, requests: list[PreparedRequest]) -> Iterator[list[StepOutput | None]]:
@@ -149,7 +151,8 @@ class GenerationEngine:
     def _advance(self, row: _RowState, token: int) -> StepOutput:
         p = row.request.params
         reason = None
-        if token in self.eos_ids:
+        ends = token in self.eos_ids and not p.ignore_eos
+        if ends:
             reason = "eos"
         else:
             row.tokens.append(token)
@@ -169,5 +172,5 @@ class GenerationEngine:
             delta = text[row.emitted:]
             row.finished = True
         row.emitted += len(delta)
-        new_tokens = [] if token in self.eos_ids else [token]
+        new_tokens = [] if ends else [token]
         return StepOutput(delta, new_tokens, reason, len(row.request.prompt_ids), len(row.tokens))

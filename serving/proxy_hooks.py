@@ -1,10 +1,12 @@
-"""Two things Ray Serve's gRPC proxy does not offer, set from inside each proxy process, and the checks that
-make the server fail closed when they are not in place.
+"""What Ray Serve's proxies do not offer, set from inside each proxy process, and the checks that make the
+server fail closed when they are not in place.
 
-- The address it binds: Serve starts the gRPC server on `[::]:port` (every interface) with no host option;
-  we bind the serve config's `host` instead (127.0.0.1 unless told otherwise).
-- The status a client gets when the replica running its call dies: Serve answers INTERNAL; we answer
+- The address the gRPC proxy binds: Serve starts the gRPC server on `[::]:port` (every interface) with no host
+  option; we bind the serve config's `host` instead (127.0.0.1 unless told otherwise).
+- The status a gRPC client gets when the replica running its call dies: Serve answers INTERNAL; we answer
   UNAVAILABLE ("retry"), the code gRPC clients and load balancers treat as transient.
+- HTTP under /v1 while no replica of the app is routable (starting, redeploying): Serve answers a plain-text
+  404 "Path … not found"; OpenAI clients get 503 in OpenAI's error shape ("retry"), as vLLM's server says.
 
 Serve calls the function named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH inside every proxy process
 before that proxy starts its servers (it is meant to return HTTP middlewares). `proxy_env(host)` names
@@ -18,6 +20,7 @@ starts serving only once every proxy has reported the configured address and thi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -100,8 +103,42 @@ def _report(**fields: Any) -> None:
         log.warning("rayquant proxy hooks: could not report to the registry (%s)", exc)
 
 
+class UnavailableWhileNoReplica:
+    """ASGI middleware of the HTTP proxy: Serve's own plain-text 404 for a /v1 path (no routable replica)
+    becomes a 503 in OpenAI's error shape. The app's own 404s (JSON) pass unchanged."""
+
+    BODY = json.dumps({"error": {"message": "no replica of this model is ready yet; retry shortly",
+                                 "type": "service_unavailable", "param": None, "code": 503}}).encode()
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope.get("type") != "http" or not scope.get("path", "").startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def guarded(message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 404 and not any(
+                    k.lower() == b"content-type" and b"json" in v for k, v in message.get("headers", [])):
+                replaced = True
+                return
+            if replaced:
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(self.BODY)).encode())]})
+                    await send({"type": "http.response.body", "body": self.BODY})
+                return
+            await send(message)
+
+        await self.app(scope, receive, guarded)
+
+
 def install() -> list:
-    """Runs in each proxy process. Returns no HTTP middlewares. Refuses (the proxy then fails to start)
+    """Runs in each proxy process; returns the HTTP middleware above. Refuses (the proxy then fails to start)
     on a Ray whose private Serve functions were not tested with these hooks."""
     problem = private_api_problem()
     if problem:
@@ -129,7 +166,9 @@ def install() -> list:
     proxy.get_grpc_response_status = get_grpc_response_status
     _report(installed=True, host=host)
     log.info("rayquant proxy hooks: gRPC binds %s; replica deaths answer UNAVAILABLE", host)
-    return []
+    from starlette.middleware import Middleware
+
+    return [Middleware(UnavailableWhileNoReplica)]
 
 
 def replica_died(exc: BaseException) -> bool:

@@ -14,13 +14,14 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from transformers import AutoTokenizer, GenerationConfig
 
 from quantizer.errors import ConfigError
 from quantizer.loading import quantization_config
-from serving.requests import InvalidRequest, PreparedRequest, SamplingParams, StepOutput, eos_token_ids, prepare_request
+from serving.requests import (GRPC_FIELDS, InvalidRequest, PreparedRequest, SamplingParams, StepOutput, eos_token_ids,
+                              prepare_request)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ class VLLMEngine:
     """One vLLM AsyncLLM per Serve replica. max_batch_size bounds the sequences decoded together."""
 
     def __init__(self, model_dir: Path, kv_cache_dtype: str, max_new_tokens_limit: int, max_context: int,
-                 max_batch_size: int, options: VLLMOptions, dtype: str = "float16") -> None:
-        """dtype: activations and float weights (the serve config settles "auto" to the checkpoint's)."""
+                 max_batch_size: int, options: VLLMOptions, dtype: str = "float16",
+                 on_kv_cache_usage: Callable[[float], None] | None = None) -> None:
+        """dtype: activations and float weights (the serve config settles "auto" to the checkpoint's);
+        on_kv_cache_usage: called with the used fraction of vLLM's KV cache blocks after each engine step."""
         if kv_cache_dtype not in VLLM_KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of vLLM's here; use one of "
                               f"{sorted(VLLM_KV_CACHE_DTYPES)}, or engine: transformers for the int8 cache")
@@ -73,8 +76,12 @@ class VLLMEngine:
             kv_cache_dtype=VLLM_KV_CACHE_DTYPES[kv_cache_dtype], max_num_seqs=max_batch_size,
             kv_cache_memory_bytes=int(options.kv_cache_gb * GiB) or None,
             gpu_memory_utilization=options.gpu_memory_utilization, enforce_eager=options.enforce_eager,
-            disable_log_stats=True)
-        self.engine = AsyncLLMEngine.from_engine_args(args)
+            disable_log_stats=on_kv_cache_usage is None)
+        loggers = None
+        if on_kv_cache_usage is not None:  # vLLM's stats, without its periodic log lines
+            logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
+            loggers = [_kv_cache_logger(on_kv_cache_usage)]
+        self.engine = AsyncLLMEngine.from_engine_args(args, stat_loggers=loggers)
         self.max_context = int(self.engine.model_config.max_model_len)
         self.max_new_tokens_limit = max_new_tokens_limit
         self.quant_config = quantization_config(self.model_dir)
@@ -82,12 +89,13 @@ class VLLMEngine:
         log.info("vLLM engine up: %s, dtype %s, KV cache %s, context %d", self.model_dir, dtype,
                  kv_cache_dtype, self.max_context)
 
-    def prepare(self, prompt: str, messages: list[dict[str, str]], params: SamplingParams) -> PreparedRequest:
+    def prepare(self, prompt: str, messages: list[dict[str, str]], params: SamplingParams,
+                fields: dict[str, str] = GRPC_FIELDS) -> PreparedRequest:
         """Our validation, then vLLM's own (a limit it has that ours does not know is still INVALID_ARGUMENT)."""
         request = prepare_request(self.tokenizer, prompt, messages, params, self.max_new_tokens_limit,
-                                  self.max_context)
+                                  self.max_context, fields)
         try:
-            self._sampling(params)
+            self._sampling(request.params)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
         return request
@@ -98,7 +106,8 @@ class VLLMEngine:
 
         return VLLMSamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
                                   top_p=params.top_p, top_k=params.top_k, seed=params.seed, stop=list(params.stop),
-                                  output_kind=RequestOutputKind.DELTA, skip_special_tokens=True)
+                                  ignore_eos=params.ignore_eos, output_kind=RequestOutputKind.DELTA,
+                                  skip_special_tokens=True)
 
     async def outputs(self, request: PreparedRequest) -> AsyncIterator[StepOutput]:
         """This request's outputs step by step; the last carries finish_reason and the token counts."""
@@ -106,7 +115,7 @@ class VLLMEngine:
         async for out in self.engine.generate({"prompt_token_ids": request.prompt_ids},
                                               self._sampling(request.params), uuid.uuid4().hex):
             step = out.outputs[0]
-            tokens = [t for t in step.token_ids if t not in self.eos_ids]
+            tokens = [t for t in step.token_ids if t not in self.eos_ids or request.params.ignore_eos]
             completed += len(tokens)
             reason = _finish_reason(step.finish_reason, step.stop_reason) if out.finished else None
             yield StepOutput(step.text, tokens, reason, len(request.prompt_ids), completed)
@@ -118,3 +127,21 @@ class VLLMEngine:
             self.engine.shutdown()
             self.engine = None
             gc.collect()
+
+
+def _kv_cache_logger(report: Callable[[float], None]):
+    """A vLLM stat logger that hands each step's KV-cache usage (0–1) to `report`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class KVCacheUsage(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                report(float(scheduler_stats.kv_cache_usage))
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return KVCacheUsage

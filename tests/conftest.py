@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written into the home dir
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -16,12 +17,27 @@ import torch
 from quantizer.assets import default_model_dir
 from tests.tiny_models import write_tiny_model
 
+DEFAULT_JOB = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
 def default_model():
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def default_int4(default_model, tmp_path_factory):
+    """The README's main job (configs/default.yaml: SmolLM2, int4 g64 sym, act-order with static groups) on
+    64 calibration samples of ≤ 256 tokens, made once per session through the pipeline and shared read-only
+    by the tests that need the real model quantized (quality, vLLM, serving)."""
+    from cluster.driver import Driver
+    from cluster.job import load_job
+
+    out = tmp_path_factory.mktemp("default-job") / "smollm2-int4"
+    Driver(load_job(DEFAULT_JOB, {"output_dir": str(out), "calibration.num_samples": 64, "calibration.max_len": 256,
+                                  "resources.cpus_per_stage": 2})).run()
+    return out
 
 
 @pytest.fixture(scope="session")

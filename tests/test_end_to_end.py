@@ -16,19 +16,19 @@ def _ppl(model, capsys) -> float:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
 
 
-def test_default_job_gptq_beats_rtn(tmp_path, default_model, capsys):
-    common = ["--config", "configs/default.yaml", "--num-samples", "64", "--bits", "3"]
-    assert main(["quantize", *common, "--out", str(tmp_path / "gptq")]) == 0
-    assert main(["quantize", *common, "--method", "rtn", "--out", str(tmp_path / "rtn")]) == 0
+def test_default_job_gptq_beats_rtn(tmp_path, default_model, default_int4, capsys):
+    """The session's default job (GPTQ, through the pipeline) against round-to-nearest on the same settings
+    and calibration, run through the CLI."""
+    assert main(["quantize", "--config", "configs/default.yaml", "--num-samples", "64", "--max-len", "256",
+                 "--method", "rtn", "--out", str(tmp_path / "rtn")]) == 0
     capsys.readouterr()
-    report = json.loads((tmp_path / "gptq" / "quantize_report.json").read_text())
+    report = json.loads((default_int4 / "quantize_report.json").read_text())
     assert len(report["stages"][0]["layer_reports"]) == 30
-    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
-    qcfg = config["quantization_config"]
+    qcfg = json.loads((default_int4 / "config.json").read_text())["quantization_config"]
     # the default job solves in act-order with static groups: the plain layout vLLM takes (g_idx = col // 64)
-    assert qcfg["bits"] == 3 and qcfg["desc_act"] is False and qcfg["static_groups"] is True and qcfg["sym"] is True
+    assert qcfg["bits"] == 4 and qcfg["desc_act"] is False and qcfg["static_groups"] is True and qcfg["sym"] is True
     assert qcfg["meta"]["solve_order"] == "act-order, static groups"
-    g_idx = load_file(str(next((tmp_path / "gptq").glob("model-*.safetensors"))))["model.layers.0.mlp.down_proj.g_idx"]
+    g_idx = load_file(str(next(default_int4.glob("model-*.safetensors"))))["model.layers.0.mlp.down_proj.g_idx"]
     assert torch.equal(g_idx, (torch.arange(g_idx.numel()) // 64).to(torch.int32))
-    ppl_float, ppl_gptq, ppl_rtn = (_ppl(m, capsys) for m in (default_model, tmp_path / "gptq", tmp_path / "rtn"))
+    ppl_float, ppl_gptq, ppl_rtn = (_ppl(m, capsys) for m in (default_model, default_int4, tmp_path / "rtn"))
     assert ppl_float < ppl_gptq < ppl_rtn

@@ -1,10 +1,14 @@
 """The server locked down: proxies bound to loopback, an API key from the environment checked on gRPC
-metadata (health exempt), request size and prompt length limits, client deadlines that free the batch
-slot, and the Prometheus metrics Ray exports for the replica."""
+metadata and HTTP headers (health exempt), request size and prompt length limits, client deadlines and
+hang-ups that free the batch slot, and the Prometheus metrics Ray exports for the replica."""
 
+import http.client as http_client
+import json
 import os
+import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -14,7 +18,7 @@ from bench.common import free_port
 from serving.client import GenerationClient
 from serving.config import ServeConfig
 from serving.proxy_hooks import listening_addresses
-from tests.test_pipeline import run_job
+from tests.inline_job import quantize_inline
 from tests.test_serving import running_server
 
 KEY_ENV, KEY = "RAYQUANT_TEST_API_KEY", "test-key-0123456789"
@@ -37,7 +41,7 @@ def ray_with_key_and_metrics():
 @pytest.fixture(scope="module")
 def locked_server(tiny_llama, tmp_path_factory, ray_with_key_and_metrics):
     out = tmp_path_factory.mktemp("locked") / "tiny-gptq"
-    run_job(tiny_llama, out, stages=1)
+    quantize_inline(tiny_llama, out)
     config = ServeConfig(model=str(out), engine="transformers", api_key_env=KEY_ENV, max_prompt_tokens=32,
                          max_request_bytes=2048, max_new_tokens_limit=900, max_batch_size=1,
                          grpc_port=free_port(), http_port=free_port(),
@@ -141,12 +145,64 @@ def test_a_cancelled_stream_frees_the_batch_slot(locked_server):
     assert short_s < full_s / 2, (short_s, full_s)  # ≈ full_s if the cancelled stream kept its slot
 
 
+def http(config, path: str, body: bytes | None = None, key: str | None = None):
+    """(status, parsed JSON) of an HTTP call to the server; `body` → POST."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{config.http_port}{path}", data=body, headers=headers,
+                                     method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_http_api_needs_the_key_and_keeps_the_size_limit(locked_server):
+    """The OpenAI API takes the same key (`Authorization: Bearer`) and the same max_request_bytes (413)."""
+    config, _ = locked_server
+    body = json.dumps({"model": config.model, "prompt": "hi", "max_tokens": 2}).encode()
+    for key in (None, "wrong-key"):
+        code, reply = http(config, "/v1/completions", body, key)
+        assert code == 401 and reply["error"]["code"] == "invalid_api_key"
+        assert http(config, "/v1/models", None, key)[0] == 401
+    code, reply = http(config, "/v1/completions", body, KEY)
+    assert code == 200 and reply["usage"]["completion_tokens"] >= 1
+    huge = json.dumps({"model": config.model, "prompt": "x" * 3000}).encode()
+    code, reply = http(config, "/v1/completions", huge, KEY)
+    assert code == 413 and "at most 2048 (max_request_bytes)" in reply["error"]["message"]
+    long_prompt = json.dumps({"model": config.model, "prompt": " ".join(["word"] * 40)}).encode()
+    code, reply = http(config, "/v1/completions", long_prompt, KEY)
+    assert code == 400 and "at most 32 prompt tokens (max_prompt_tokens)" in reply["error"]["message"]
+
+
+def test_an_http_client_gone_mid_stream_frees_the_batch_slot(locked_server):
+    """One batch slot. A client that closes its connection after the first server-sent event of a long
+    completion frees the slot: a short call behind it finishes in a fraction of the long decode's time."""
+    config, client = locked_server
+    started = time.perf_counter()
+    full = client.generate("Once upon a time", max_new_tokens=900, temperature=0)
+    full_s = time.perf_counter() - started
+    connection = http_client.HTTPConnection("127.0.0.1", config.http_port, timeout=120)
+    connection.request("POST", "/v1/completions", json.dumps(
+        {"model": config.model, "prompt": "Once upon a time", "max_tokens": 900, "temperature": 0,
+         "stream": True}), {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: {")
+    started = time.perf_counter()
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    short = client.generate("Hello", max_new_tokens=4, temperature=0)
+    short_s = time.perf_counter() - started
+    assert short.usage.completion_tokens >= 1
+    assert short_s < full_s / 2, (short_s, full_s)  # ≈ full_s if the abandoned stream kept its slot
+
+
 def scrape(port: int) -> dict[str, float]:
-    """Prometheus text → {'name{labels}': value} for the rayquant series."""
+    """Prometheus text → {'name{labels}': value} for the rayquant and vLLM-named series."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
     series = {}
     for line in text.splitlines():
-        if line.startswith("ray_rayquant_"):
+        if line.startswith(("ray_rayquant_", "ray_vllm_")):
             name, _, value = line.rpartition(" ")
             series[name] = float(value)
     return series
@@ -157,11 +213,15 @@ def total(series: dict[str, float], name: str, **labels: str) -> float:
                and all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
 
 
-def test_metrics_are_exported_for_prometheus(locked_server, ray_with_key_and_metrics):
-    _, client = locked_server
+def test_metrics_are_exported_with_vllms_names(locked_server, ray_with_key_and_metrics):
+    """What dashboards made for vLLM chart (Ray's export of vLLM's names, `:` as `_`), labelled by model and
+    engine, for gRPC and HTTP calls alike; and our calls by method and status code."""
+    config, client = locked_server
     before = scrape(ray_with_key_and_metrics)
     response = client.generate("Metrics count tokens", max_new_tokens=8, temperature=0)
     list(client.stream("Metrics count streams too", max_new_tokens=8, temperature=0))
+    assert http(config, "/v1/completions", json.dumps({"model": config.model, "prompt": "and HTTP calls",
+                                                       "max_tokens": 4}).encode(), KEY)[0] == 200
     unauthenticated = GenerationClient(f"127.0.0.1:{locked_server[0].grpc_port}")
     rpc_error(lambda: unauthenticated.generate("no key"))
     unauthenticated.close()
@@ -178,10 +238,13 @@ def test_metrics_are_exported_for_prometheus(locked_server, ray_with_key_and_met
     assert ok >= 2
     assert total(after, "ray_rayquant_requests_total", code="UNAUTHENTICATED") >= 1
     assert streamed >= 1
-    name = "ray_rayquant_generated_tokens_total"
-    generated = total(after, name) - total(before, name)
-    assert generated >= response.usage.completion_tokens
-    assert total(after, "ray_rayquant_time_to_first_token_seconds_count") >= 2
-    assert total(after, "ray_rayquant_decode_tokens_per_second_count") >= 1
-    assert "ray_rayquant_queue_depth" in {k.split("{")[0] for k in after}
-    assert total(after, "ray_rayquant_requests_in_flight") == 0
+    assert total(after, "ray_rayquant_requests_total", method="completions", code="OK") >= 1
+    labels = {"model_name": config.model, "engine": "transformers"}
+    name = "ray_vllm_generation_tokens_total"
+    assert total(after, name, **labels) - total(before, name, **labels) >= response.usage.completion_tokens
+    assert total(after, "ray_vllm_prompt_tokens_total", **labels) > total(before, "ray_vllm_prompt_tokens_total")
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert total(after, f"ray_vllm_{histogram}_count", **labels) >= 3, histogram
+    assert total(after, "ray_vllm_inter_token_latency_seconds_count", **labels) >= 7
+    for gauge in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"):
+        assert gauge in {k.split("{")[0] for k in after} and total(after, gauge, **labels) == 0

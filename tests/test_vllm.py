@@ -30,7 +30,7 @@ from tests.test_serving import (BAD_REQUESTS, assert_invalid_argument,  # noqa: 
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-DEFAULT_JOB = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+from tests.conftest import DEFAULT_JOB  # noqa: E402
 PROMPTS = ["The capital of France is", "Photosynthesis is the process by which", "The French Revolution began in",
            "A prime number is", "The Pacific Ocean is", "Water boils at", "Shakespeare wrote",
            "The speed of light is"]
@@ -41,10 +41,10 @@ needs_gptq_kernel = pytest.mark.skipif(KERNEL_PROBLEM is not None, reason=f"{KER
 
 
 @pytest.fixture(scope="module")
-def default_checkpoint(default_model, tmp_path_factory, ray_local):
+def default_checkpoint(default_int4, tmp_path_factory, ray_local):
     """default_checkpoint(bits): the default job (configs/default.yaml settings) at `bits`, on fewer
-    calibration samples; made on first use."""
-    made: dict[int, Path] = {}
+    calibration samples: the session's int4 job, other widths made on first use."""
+    made: dict[int, Path] = {4: default_int4}
 
     def get(bits: int) -> Path:
         if bits not in made:
@@ -222,11 +222,16 @@ def test_engine_auto_serves_our_moe_checkpoint(moe_checkpoint):
     assert reply.usage.completion_tokens >= 1 and reply.token_ids == [t for c in streamed for t in c.token_ids]
 
 
-def test_vllm_reads_our_8bit_checkpoint_config(default_checkpoint):
+def test_vllm_reads_our_8bit_checkpoint_config(tiny_llama, tmp_path):
+    """The default job's settings at 8 bits (on a tiny model: only the config is read)."""
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
     from vllm.scalar_type import scalar_types
 
-    qcfg = json.loads((default_checkpoint(8) / "config.json").read_text())["quantization_config"]
+    from tests.inline_job import quantize_inline
+
+    settings = {f"quant.{k}": v for k, v in load_job(DEFAULT_JOB, {}).quant.__dict__.items()}
+    quantize_inline(tiny_llama, tmp_path / "int8", **{**settings, "quant.bits": 8})
+    qcfg = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
     parsed = AutoGPTQConfig.from_config(qcfg)
     assert parsed.quant_type == scalar_types.uint8b128 and parsed.desc_act is False and parsed.group_size == 64
 
