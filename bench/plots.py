@@ -185,6 +185,21 @@ def _data_parallel(ax, rows: Rows) -> None:
     ax.legend(fontsize=8)
 
 
+def _serving_openai(ax, rows: Rows) -> None:
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    levels = sorted({r["concurrency"] for r in rows})
+    width = 0.8 / len(servers)
+    for k, server in enumerate(servers):
+        values = [next((r["output_tok_s"] for r in rows if r["server"] == server and r["concurrency"] == c), 0)
+                  for c in levels]
+        ax.bar([i + k * width for i in range(len(levels))], values, width, label=server)
+    ax.set_xticks([i + width * (len(servers) - 1) / 2 for i in range(len(levels))])
+    ax.set_xticklabels([f"{c} clients" for c in levels])
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("vllm bench serve (OpenAI API): output tokens/s")
+    ax.legend(fontsize=8)
+
+
 def _coverage(ax, rows: Rows) -> None:
     statuses = ["quantized", "refused", "no tiny instance", "failed"]
     counts = [sum(r["status"] == s for r in rows) for s in statuses]
@@ -195,7 +210,7 @@ def _coverage(ax, rows: Rows) -> None:
 
 
 PLOTS: dict[str, Callable[[Any, Rows], None]] = {
-    "coverage": _coverage,
+    "coverage": _coverage, "serving_openai": _serving_openai,
     "quality": _quality, "ppl_sweep": _ppl_sweep, "solve": _solve, "solve_cuda": _solve, "pipeline": _pipeline,
     "serving_decode": _serving_decode, "serving_batching": _serving_batching,
     "serving_engines": _serving_engines, "serving_kv_cache": _serving_kv_cache,

@@ -31,10 +31,11 @@ SIZES: dict[str, object] = {
     "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_start_index": 1,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "rotary_dim": 16, "partial_rotary_factor": 1.0,
-    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 8,
     "max_position_embeddings": 512, "sliding_window": 16, "attention_chunk_size": 16,
-    "state_size": 16, "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1,
-    "ssm_state_size": 16, "n_groups": 1, "mamba_expand": 2, "expand": 2, "time_step_rank": 8,
+    "state_size": 16, "mamba_d_state": 16, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1,
+    "moe_shared_expert_intermediate_size": 64,
+    "ssm_state_size": 16, "n_groups": 1, "mamba_expand": 2, "expand": 2, "time_step_rank": 16, "mamba_dt_rank": 16,
 }
 # Families whose config defaults leave a size unset (None) that the tiny instance needs
 OVERRIDES: dict[str, dict[str, object]] = {
@@ -43,9 +44,11 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "hunyuan_v1_dense": {"head_dim": 16}, "hunyuan_v1_moe": {"head_dim": 16}, "ministral": {"head_dim": 16},
     "nemotron": {"num_key_value_heads": 2, "head_dim": 16},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
-    "falcon_h1": {"mamba_d_ssm": 128}, "mamba2": {"num_heads": 4, "head_dim": 32, "n_groups": 1},
+    "falcon_h1": {"mamba_d_ssm": 128}, "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
     "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1}, "zaya": {"num_experts_per_tok": 1},
     "xlnet": {"d_head": 16},
+    # per-head gates and time steps: a real model has 8+ heads, so their projections pack
+    "doge": {"num_attention_heads": 8, "num_key_value_heads": 8}, "laguna": {"num_attention_heads": 8},
 }
 
 

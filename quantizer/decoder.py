@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from quantizer.errors import ConfigError
 from quantizer.experts import ExpertList, is_fused_experts, unfuse_tensors
-from quantizer.families import ALIASES, FLOAT, REFUSED
+from quantizer.families import ALIASES, FLOAT, LINEAR_CLASSES, REFUSED
 from quantizer.layer_inputs import LayerCall, LayerInputs
 from quantizer.weight_names import WeightNames
 
@@ -220,7 +220,8 @@ def build_meta_model(config: PretrainedConfig) -> tuple[nn.Module, str]:
     for implementation in ("sdpa", "eager"):
         try:
             with torch.device("meta"), hf_init.meta_device_safe_creation_ops():
-                model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation)
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation,
+                                                         dtype=torch.float32)
             break
         except ValueError as exc:
             if implementation == "eager":
@@ -268,7 +269,7 @@ def trace_layer(layer: nn.Module, call: LayerCall, float_patterns: tuple[str, ..
     routes = {layer.get_submodule(name).num_experts for name in experts}  # a Linear with one output per expert routes
     floats, projections = [], {}
     for name, module in layer.named_modules():
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and type(module).__name__ not in LINEAR_CLASSES:
             continue
         if name.rpartition(".")[0] in blocks or module.out_features in routes or \
                 any(fnmatch.fnmatch(name, p) for p in float_patterns):

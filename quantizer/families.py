@@ -20,4 +20,8 @@ ALIASES: dict[str, str] = {
 # fnmatch patterns of module names (relative to a decoder layer) kept float in addition to the generic rule
 FLOAT: dict[str, tuple[str, ...]] = {}
 
+# nn.Linear subclasses whose forward is a plain linear map (quantized like nn.Linear); others (BitNet's, which
+# quantize on the fly) are left as they are
+LINEAR_CLASSES = frozenset({"FalconLinear"})
+
 REFUSED: dict[str, str] = {}

@@ -91,7 +91,9 @@ def build_quantized_layer(arch: Architecture, index: int, tensors: dict[str, tor
                               bits=qcfg.bits)
         bias = tensors.get(f"{name}.bias")
         bias = None if bias is None else bias.to(device)
-        set_submodule(layer, name, QuantLinear.from_packed(packed, qcfg.group_size, bias))
+        quantized = QuantLinear.from_packed(packed, qcfg.group_size, bias)
+        quantized.compute_dtype = dtype
+        set_submodule(layer, name, quantized)
     rest = {k: v.to(device=device, dtype=buffers.get(k, dtype)) for k, v in tensors.items()
             if k.rpartition(".")[0] not in linears}
     layer.load_state_dict(rest, strict=False, assign=True)

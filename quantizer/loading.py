@@ -60,7 +60,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
         for name in arch.linear_names(i):
             old = layer.get_submodule(name)
             set_submodule(layer, name, QuantLinear(qcfg.bits, qcfg.group_size, old.in_features, old.out_features,
-                                                   old.bias is not None))
+                                                   old.bias is not None, compute_dtype=dtype))
         set_submodule(model, arch.layer_prefix(i), layer)
     buffers = {name for name, _ in model.named_buffers()}
     quantized = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}  # scales/bias: fp16

@@ -18,8 +18,9 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, bits: int, group_size: int, in_features: int, out_features: int, bias: bool,
-                 cache_weight: bool = True) -> None:
+                 cache_weight: bool = True, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.compute_dtype = compute_dtype  # the dtype `weight` is read in (by model code that reads it)
         self.bits = bits
         self.group_size = group_size
         self.in_features = in_features
@@ -54,6 +55,12 @@ class QuantLinear(nn.Module):
         if self.cache_weight:
             self._weight = weight
         return weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in], for model code that reads a projection's weight directly (RWKV,
+        DeepSeek-V3.2's indexer)."""
+        return self.dequantized_weight(self.compute_dtype)
 
     def _apply(self, fn, recurse=True):  # moving the module invalidates the cached weight
         self._weight = None

@@ -53,7 +53,7 @@ class WeightNames:
             raise ConfigError(f"tensor {disk} needs transformers' conversion {converter} when loaded, which rayquant "
                               "does not apply; load the model with transformers and save_pretrained it, then "
                               "quantize that copy")
-        regex = r"(\d+)".join(re.escape(part) for part in pattern.split("*"))
+        regex = r"(\d+)".join(re.escape(part) for part in pattern.replace("\\.", ".").split("*"))
         found = re.search(regex, renamed)
         if found is None:
             raise ConfigError(f"tensor {disk}: cannot find the expert index (pattern {pattern})")

@@ -120,3 +120,26 @@ def test_bad_serve_config_key_is_caught():
 def test_missing_job_file_is_caught():
     with pytest.raises(AssertionError, match="is not in the repository"):
         check_entrypoint("rayquant quantize --config /home/ray/rayquant/configs/qwen2-27b.yaml")
+
+
+def test_grafana_dashboard_charts_metrics_the_replicas_export():
+    """k8s/grafana/rayquant-serving.json: valid JSON; every panel queries a metric the replicas define
+    (serving/metrics.py: vLLM's names as Ray exports them, ray_ + histogram/counter suffixes)."""
+    import json
+    import re
+
+    from serving.metrics import METRIC_NAMES
+
+    dashboard = json.loads((REPO / "k8s" / "grafana" / "rayquant-serving.json").read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+    charted = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = re.findall(r"\bray_(\w+)", target["expr"])
+            assert names, target["expr"]
+            for name in names:
+                base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+                assert base in METRIC_NAMES, (panel["title"], name)
+                charted.add(base)
+    assert charted == set(METRIC_NAMES)  # every metric the replicas export has a panel

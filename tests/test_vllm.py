@@ -246,6 +246,21 @@ def vllm_server(default_checkpoint):
         yield config, client
 
 
+def test_vllm_engine_answers_the_openai_client_as_grpc(vllm_server):
+    """The OpenAI API on the vLLM engine: the official client's unary and streamed completions give the gRPC
+    greedy text, with its usage."""
+    openai = pytest.importorskip("openai")
+    config, client = vllm_server
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="none", max_retries=0)
+    expected = client.generate(PROMPTS[0], max_new_tokens=12, temperature=0)
+    unary = api.completions.create(model=str(config.model), prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert unary.choices[0].text == expected.text and unary.usage.completion_tokens == expected.usage.completion_tokens
+    chunks = list(api.completions.create(model=str(config.model), prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
+
+
 def test_vllm_server_unary_and_stream_agree(vllm_server):
     config, client = vllm_server
     info = client.model_info()
