@@ -116,8 +116,8 @@ def main() -> None:
             log.info("%-24s %-16s %s", family, row["status"], row["reason"][:120])
     ray.shutdown()
     if args.families:  # re-measured rows replace theirs; every other family keeps its last result
-        previous = json.loads((RESULTS / "coverage.json").read_text())["rows"] if (RESULTS / "coverage.json").is_file() \
-            else []
+        last = RESULTS / "coverage.json"
+        previous = json.loads(last.read_text())["rows"] if last.is_file() else []
         fresh = {r["model_type"]: r for r in rows}
         rows = [fresh.pop(r["model_type"], r) for r in previous] + list(fresh.values())
     done = sum(r["status"] == "quantized" for r in rows)

@@ -1,8 +1,9 @@
 """Perplexity of a mixture of experts float vs int4 and int3 — SmolLM2-135M upcycled into a Qwen2-MoE with 8
 noisy copies of each MLP as experts and a random router (bench/upcycle_moe.py; `--model upcycled`, the
 default), or a small MoE trained from scratch (bench/train_moe.py, 16 experts: Qwen3-MoE, DeepSeek-V3 with
-MLA, or GLM-4.5; `--model trained --family F`) — (g64 sym, group-aware order): GPTQ calibrating every expert on every token (our
-default), GPTQ on routed tokens only, round-to-nearest, and GPTQModel 7.6.0 on the same settings (its MoE
+MLA, or GLM-4.5; `--model trained --family F`) — (g64 sym, group-aware order): GPTQ with each calibration
+mode (auto, the default: routed tokens, every token for experts short of a full-rank Hessian; every token;
+routed only), round-to-nearest, and GPTQModel 7.6.0 on the same settings (its MoE
 default: routed tokens, RTN below 0.5 % of the tokens), all with the same 128 calibration samples of the
 shipped Wikipedia text (≤ 512 tokens) and evaluated on the shipped gensim Wikipedia text (32 × 512
 tokens). Also the per-layer wall with 1 and 2 solve workers, on that model and on a wider random MoE

@@ -217,7 +217,8 @@ PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "gpu_layer_matmul": _matmul, "gpu_layer_small_matmul": _matmul,
     "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode, "rehearsal_72b": _rehearsal_72b,
     "rehearsal_72b_layer0": _rehearsal_72b_layer0, "moe_quality": _moe_quality,
-    "moe_quality_trained": _moe_quality, "moe_quality_deepseek_v3": _moe_quality, "moe_quality_glm4_moe": _moe_quality, "moe_solve_workers": _moe_solve_workers, "rehearsal_235b": _rehearsal_235b,
+    "moe_quality_trained": _moe_quality, "moe_quality_deepseek_v3": _moe_quality,
+    "moe_quality_glm4_moe": _moe_quality, "moe_solve_workers": _moe_solve_workers, "rehearsal_235b": _rehearsal_235b,
     "data_parallel": _data_parallel, "data_parallel_7b_layer": _data_parallel,
 }
 

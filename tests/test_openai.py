@@ -5,16 +5,12 @@ size limit, disconnects and metrics: tests/test_server_access.py.)"""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-
 import pytest
 
 from bench.common import free_port
 from serving.config import ServeConfig
 from tests.inline_job import quantize_inline
-from tests.test_serving import running_server
+from tests.test_serving import http_json, running_server
 
 openai = pytest.importorskip("openai")
 PROMPT = "The history of the Royal Navy"
@@ -30,17 +26,6 @@ def served(tiny_llama, tmp_path_factory, ray_local):
     with running_server(config) as grpc_client:
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="none", max_retries=0)
         yield config, grpc_client, api
-
-
-def post(config: ServeConfig, path: str, body) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{config.http_port}{path}", data=data,
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_completions_unary_and_streamed_give_grpc_greedy_text(served):
@@ -91,7 +76,7 @@ def test_models_lists_the_served_name(served):
 ])
 def test_bad_requests_get_openai_errors_naming_the_field(served, body, status, param, message):
     """Validation is gRPC's (same limits, same messages) with OpenAI's field names."""
-    code, reply = post(served[0], "/v1/completions", {"model": "tiny-gptq", "prompt": PROMPT, **body})
+    code, reply = http_json(served[0], "/v1/completions", {"model": "tiny-gptq", "prompt": PROMPT, **body})
     assert code == status and set(reply["error"]) == {"message", "type", "param", "code"}
     assert reply["error"]["param"] == param and message in reply["error"]["message"]
     with pytest.raises(openai.APIStatusError) as info:  # the client raises its typed errors from them
@@ -101,10 +86,10 @@ def test_bad_requests_get_openai_errors_naming_the_field(served, body, status, p
 
 def test_malformed_bodies_and_unknown_routes(served):
     config = served[0]
-    assert post(config, "/v1/completions", b"{not json")[0] == 400
-    assert post(config, "/v1/chat/completions", {"model": "tiny-gptq", "messages": "hi"})[1]["error"]["param"] == \
+    assert http_json(config, "/v1/completions", b"{not json")[0] == 400
+    assert http_json(config, "/v1/chat/completions", {"model": "tiny-gptq", "messages": "hi"})[1]["error"]["param"] == \
         "messages"
-    code, reply = post(config, "/v1/embeddings", {"model": "tiny-gptq", "input": "x"})
+    code, reply = http_json(config, "/v1/embeddings", {"model": "tiny-gptq", "input": "x"})
     assert code == 404 and "POST /v1/completions" in reply["error"]["message"]
 
 
@@ -115,5 +100,5 @@ def test_no_replica_up_is_a_503_in_openai_shape(served):
 
     config = served[0]
     serve.delete(config.app_name)
-    code, reply = post(config, "/v1/completions", {"model": "tiny-gptq", "prompt": PROMPT})
+    code, reply = http_json(config, "/v1/completions", {"model": "tiny-gptq", "prompt": PROMPT})
     assert code == 503 and reply["error"]["code"] == 503 and "retry" in reply["error"]["message"]

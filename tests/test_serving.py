@@ -2,6 +2,7 @@
 
 import json
 import threading
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -49,6 +50,20 @@ def running_server(config: ServeConfig, api_key: str | None = None) -> Iterator[
     finally:
         client.close()
         serve.shutdown()
+
+
+def http_json(config: ServeConfig, path: str, body: dict | bytes | None = None, key: str | None = None
+              ) -> tuple[int, dict]:
+    """(status, parsed JSON) of an HTTP call to the server: POST `body` (a dict is sent as JSON), else GET."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{config.http_port}{path}", data=data, headers=headers,
+                                     method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture(scope="module")
