@@ -143,9 +143,14 @@ def quality_rows(float_dir: Path, about: str, table: str, wanted: list[str], win
                 rows += [kept[f"int{bits} {GPTQMODEL}"]] if f"int{bits} {GPTQMODEL}" in kept else []
                 continue
             out = Path(tmp) / f"int{bits}-gptqmodel"
-            wall = gptqmodel_quantize(float_dir, out, bits)
-            rows.append({"setting": f"int{bits} {GPTQMODEL}", "perplexity": perplexity(str(out), windows),
-                         "quantize_s": wall})
+            try:
+                wall = gptqmodel_quantize(float_dir, out, bits)
+                rows.append({"setting": f"int{bits} {GPTQMODEL}", "perplexity": perplexity(str(out), windows),
+                             "quantize_s": wall})
+            except Exception as exc:  # noqa: BLE001 - the reference's own failure is a result too
+                log.exception("GPTQModel failed")
+                rows.append({"setting": f"int{bits} {GPTQMODEL}: failed ({type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0][:120]})", "perplexity": None})
             write_results(table, rows, columns, meta)
     write_results(table, rows, columns, meta)  # with the rows kept after the last one measured
 

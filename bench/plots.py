@@ -148,6 +148,7 @@ def _rehearsal_72b_layer0(ax, rows: Rows) -> None:
 
 
 def _moe_quality(ax, rows: Rows) -> None:
+    rows = [r for r in rows if r.get("perplexity") is not None]  # a reference that failed has no bar
     _hbars(ax, [r["setting"] for r in rows], [r["perplexity"] for r in rows],
            ["tab:gray"] + ["tab:orange" if "GPTQModel" in r["setting"] else "tab:blue" for r in rows[1:]],
            "perplexity (lower is better)", "mixture of experts: perplexity by quantization")

@@ -251,3 +251,20 @@ def test_earlier_families_give_the_tensors_they_gave_before(family, tmp_path):
             assert torch.allclose(new.float(), old.float(), rtol=2e-3, atol=1e-6), name
         else:
             assert (new == old).float().mean() > 0.99, name
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("family", ["deepseek_v3"])
+def test_gptqmodel_loads_our_checkpoints(quantized, family):
+    """GPTQModel 7.6.0 (its own DeepSeek-V3 definition; in a child process, see tests/gptqmodel_child.py) loads
+    our checkpoint and agrees with the dequantized reference. (GLM-4.5: GPTQModel 7.6.0's own unfused GLM4-MoE
+    block fails on transformers 5.19's router, which returns a tuple; see docs/families.md.)"""
+    pytest.importorskip("gptqmodel")
+    from tests.gptqmodel_child import gptqmodel_logits
+
+    float_dir, out = quantized(family)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference = dequantized_reference(float_dir, out)(ids, use_cache=False).logits
+    theirs = gptqmodel_logits(out, ids)
+    assert float((theirs - reference).norm() / reference.norm()) < 0.03  # their CPU kernel computes in bfloat16
