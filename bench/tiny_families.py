@@ -34,7 +34,7 @@ SIZES: dict[str, object] = {
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 8,
     "max_position_embeddings": 512, "sliding_window": 16, "attention_chunk_size": 16,
     "state_size": 16, "mamba_d_state": 16, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1,
-    "moe_shared_expert_intermediate_size": 64,
+    "moe_shared_expert_intermediate_size": 64, "gated_norm_rank": 32,
     "ssm_state_size": 16, "n_groups": 1, "mamba_expand": 2, "expand": 2, "time_step_rank": 16, "mamba_dt_rank": 16,
 }
 # Families whose config defaults leave a size unset (None) that the tiny instance needs
@@ -49,6 +49,10 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "xlnet": {"d_head": 16},
     # per-head gates and time steps: a real model has 8+ heads, so their projections pack
     "doge": {"num_attention_heads": 8, "num_key_value_heads": 8}, "laguna": {"num_attention_heads": 8},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "gemma3n_text": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": 1024},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+                       "indexer_compress_ratio": 4},
 }
 
 
@@ -80,7 +84,7 @@ def _layer_lists(base: PretrainedConfig, n: int) -> tuple[dict[str, list], dict[
     """(per-layer lists, layer-index lists) among the config's attributes, for a model of n layers."""
     per_layer, index_lists = {}, {}
     for key, value in vars(base).items():
-        if not isinstance(value, list) or not key.endswith(("layers", "types", "layer_types", "pattern")):
+        if not isinstance(value, list) or not key.endswith(("layers", "types", "block_type", "pattern")):
             continue
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         if ints and value and all(0 <= v < n for v in value) and all(a < b for a, b in zip(value, value[1:])):

@@ -19,6 +19,7 @@ from quantizer.activations import ActivationChunk, ActivationStore, TokenBatch
 from quantizer.config import FALLBACK_DAMP_PERCENT, QuantConfig
 from quantizer.decoder import LayerSpec, Unit
 from quantizer.experts import ExpertList
+from quantizer.errors import ConfigError
 from quantizer.gptq import Factorization, factorize
 from quantizer.hessian import HessianAccumulator
 from quantizer.layer_builder import (
@@ -271,6 +272,10 @@ class StageEngine:
                 self.qcfg.check_in_features(name, w.shape[1])
             acc, stacked = accs[unit], torch.cat(weights)
             del weights
+            if acc.count and not torch.isfinite(acc.xtx).all():
+                raise ConfigError(f"layer {report.layer}: the inputs of {'+'.join(unit)} hold NaN/Inf — the float "
+                                  "model's own activations overflow on the calibration text; check the model files "
+                                  "and their dtype (an fp16 copy of a bf16 model overflows)")
             fallback = self._expert_fallback(unit, acc, self._tokens, report)
             if self.qcfg.method == "rtn" or fallback == "rtn":
                 yield SolveJob(unit, stacked, None, acc.hessian() if acc.count else None)

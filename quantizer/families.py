@@ -18,7 +18,9 @@ ALIASES: dict[str, str] = {
 }
 
 # fnmatch patterns of module names (relative to a decoder layer) kept float in addition to the generic rule
-FLOAT: dict[str, tuple[str, ...]] = {}
+FLOAT: dict[str, tuple[str, ...]] = {
+    "zaya": ("mlp.gate.*",),  # its router is a small MLP (E + 1 outputs) inside the gate
+}
 
 # nn.Linear subclasses whose forward is a plain linear map (quantized like nn.Linear); others (BitNet's, which
 # quantize on the fly) are left as they are

@@ -159,8 +159,18 @@ class CheckpointReader:
         return out
 
     def load_modules(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Tensors by disk name → by module name."""
-        return {self.arch.names.to_module[n]: t for n, t in self.load(names).items()}
+        """Tensors by disk name → by module name (tensors transformers concatenates on load, concatenated)."""
+        loaded = self.load(names)
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in loaded.items():
+            module = self.arch.names.to_module[name]
+            if module in self.arch.names.merged:
+                parts, dim = self.arch.names.merged[module]
+                if module not in out:
+                    out[module] = torch.cat([loaded[p] for p in parts], dim=dim)
+            else:
+                out[module] = tensor
+        return out
 
     def layer_state(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s float tensors, named as in its modules (relative to the layer; experts per expert)."""

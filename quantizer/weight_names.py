@@ -24,14 +24,18 @@ GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")  # a quantized module's 
 
 
 class WeightNames:
-    """Disk name ↔ module name of every tensor of a checkpoint (full names, e.g. `model.layers.3.…`)."""
+    """Disk name ↔ module name of every tensor of a checkpoint (full names, e.g. `model.layers.3.…`).
+    `merged`: module tensors transformers concatenates from several disk tensors on load (Kimi-Linear's q/k/v
+    conv1d) → (their disk names in order, the dimension); such a tensor is written under its module name."""
 
     def __init__(self, model: nn.Module, disk_names: Iterable[str]) -> None:
         transforms = get_model_conversion_mapping(model)
         self._renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
         self._converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.merged: dict[str, tuple[list[str], int]] = {}
         self.to_module: dict[str, str] = {name: self._module_name(name) for name in disk_names}
-        self.to_disk: dict[str, str] = {module: disk for disk, module in self.to_module.items()}
+        self.to_disk: dict[str, str] = {module: disk for disk, module in self.to_module.items()
+                                        if module not in self.merged}
 
     def _module_name(self, disk: str) -> str:
         module, _, kind = disk.rpartition(".")
@@ -44,11 +48,20 @@ class WeightNames:
                 return self._expert_name(disk, renamed, converter, pattern)
         return renamed
 
-    @staticmethod
-    def _expert_name(disk: str, renamed: str, converter: WeightConverter, pattern: str) -> str:
-        """A per-expert tensor merged by `converter` → its name in an ExpertList ("<experts>.7.gate_proj.weight")."""
+    def _expert_name(self, disk: str, renamed: str, converter: WeightConverter, pattern: str) -> str:
+        """A per-expert tensor merged by `converter` → its name in an ExpertList ("<experts>.7.gate_proj.weight");
+        a tensor concatenated with others into one (no expert list) → that tensor's name, noted in `merged`."""
         ops = getattr(converter, "operations", [])
         target = converter.target_patterns[0].rpartition(".")[2]
+        if len(ops) == 1 and isinstance(ops[0], Concatenate) and "*" not in pattern:
+            found = re.search(re.escape(pattern.replace("\\.", ".")), renamed)
+            if found is not None:
+                merged = renamed[: found.start()] + converter.target_patterns[0] + renamed[found.end():]
+                parts, _ = self.merged.setdefault(merged, ([], ops[0].dim))
+                parts.append(disk)
+                parts.sort(key=lambda d: converter.source_patterns.index(next(
+                    p for p in converter.source_patterns if re.search(re.escape(p.replace("\\.", ".")), d))))
+                return merged
         if target not in EXPERT_PROJECTIONS or not all(isinstance(op, (MergeModulelist, Concatenate)) for op in ops):
             raise ConfigError(f"tensor {disk} needs transformers' conversion {converter} when loaded, which rayquant "
                               "does not apply; load the model with transformers and save_pretrained it, then "

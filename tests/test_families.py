@@ -232,6 +232,19 @@ def test_a_projection_that_is_not_linear_nor_experts_is_refused_before_ray(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_overflowing_activations_are_refused_naming_the_layer(tmp_path):
+    """A model whose own activations hold Inf on the calibration text stops with the layer and projections
+    named, not with a Cholesky failure."""
+    model = tmp_path / "inf"
+    shutil.copytree(write_tiny_model(tmp_path / "float", "llama", layers=2), model)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.layers.1.input_layernorm.weight"][5] = float("inf")
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"layer 1: the inputs of self_attn.q_proj\+self_attn.k_proj\+self_attn"
+                                          r".v_proj hold NaN/Inf"):
+        quantize_inline(model, tmp_path / "out")
+
+
 # ---- the seven families of earlier releases -----------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"])
 def test_earlier_families_give_the_tensors_they_gave_before(family, tmp_path):
