@@ -89,7 +89,7 @@ class Architecture:
         self.model_type = getattr(config, "source_model_type", config.model_type)
         if config.model_type in REFUSED:
             raise ConfigError(f"model_type {config.model_type!r} is not supported: {REFUSED[config.model_type]}")
-        self.model, self.attn_implementation = build_meta_model(config)
+        self.model = build_meta_model(config)
         self.base_prefix = self.model.base_model_prefix if self.model.base_model is not self.model else ""
         self.base_model = self.model.base_model
         self.layers_prefix = _find_layers(self.model, config)
@@ -214,7 +214,7 @@ class Architecture:
         return out
 
 
-def build_meta_model(config: PretrainedConfig) -> tuple[nn.Module, str]:
+def build_meta_model(config: PretrainedConfig) -> nn.Module:
     """The causal LM on the meta device, with its non-persistent buffers (rotary frequencies) computed for real,
     as transformers' own loading does; attention through SDPA where the family has it, else eager."""
     for implementation in ("sdpa", "eager"):
@@ -234,7 +234,7 @@ def build_meta_model(config: PretrainedConfig) -> tuple[nn.Module, str]:
         owners.add(owner)
     for owner in owners:
         model._init_weights(owner)
-    return model.eval(), implementation
+    return model.eval()
 
 
 def _module_path(model: nn.Module, module: nn.Module) -> str:

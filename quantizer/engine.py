@@ -272,7 +272,7 @@ class StageEngine:
                 self.qcfg.check_in_features(name, w.shape[1])
             acc, stacked = accs[unit], torch.cat(weights)
             del weights
-            if acc.count and not torch.isfinite(acc.xtx).all():
+            if acc.xtx is not None and acc.count and not torch.isfinite(acc.xtx).all():  # (a shared one: once)
                 raise ConfigError(f"layer {report.layer}: the inputs of {'+'.join(unit)} hold NaN/Inf — the float "
                                   "model's own activations overflow on the calibration text; check the model files "
                                   "and their dtype (an fp16 copy of a bf16 model overflows)")
