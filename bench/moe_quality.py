@@ -137,7 +137,8 @@ def quality_rows(float_dir: Path, about: str, table: str, wanted: list[str], win
                 rows.append({"setting": f"int{bits} rayquant {label}", "perplexity": perplexity(out, windows),
                              "quantize_s": wall, "layers_s": sum(r["seconds"] for r in layers),
                              "fallback_experts": sum(len(r["expert_fallbacks"]) for r in layers),
-                             "min_expert_tokens": min(min(r["expert_tokens"]) for r in layers)})
+                             "min_expert_tokens": min((min(r["expert_tokens"]) for r in layers if r["expert_tokens"]),
+                                                      default=None)})
                 write_results(table, rows, columns, meta)
             if "gptqmodel" not in wanted:
                 rows += [kept[f"int{bits} {GPTQMODEL}"]] if f"int{bits} {GPTQMODEL}" in kept else []
