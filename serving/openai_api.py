@@ -19,11 +19,17 @@ from typing import Any, AsyncIterator
 
 from serving.requests import InvalidRequest, SamplingParams, StepOutput
 
-# fields a client may send; any other is refused by name (a silently ignored option would mislead)
+# options rayquant does not implement, accepted at the value that changes nothing (what clients and load tools
+# such as `vllm bench serve` send by default), refused by name at any other value (a silently ignored option
+# would mislead)
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
+           "length_penalty": (1, 1.0), "min_p": (0, 0.0), "min_tokens": (0,), "logprobs": (None, False, 0),
+           "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1), "skip_special_tokens": (True,),
+           "spaces_between_special_tokens": (True,), "include_stop_str_in_output": (False,)}
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
-                 "stream_options", "user", "ignore_eos", "frequency_penalty", "presence_penalty", "logprobs"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of"}
+                 "stream_options", "user", "ignore_eos", *NEUTRAL}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -100,14 +106,9 @@ def parse_request(body: Any, chat: bool) -> OpenAIRequest:
     n = _number(body, "n", int, 1)
     if n != 1:
         raise OpenAIError(400, f"`n` must be 1 (one choice per request; send {n} requests instead)", param="n")
-    for key in ("frequency_penalty", "presence_penalty"):
-        if _number(body, key, float, 0.0) != 0.0:
-            raise OpenAIError(400, f"`{key}` is not supported (only 0)", param=key)
-    for key in ("logprobs", "echo", "top_logprobs"):
-        if body.get(key) not in (None, False, 0):
-            raise OpenAIError(400, f"`{key}` is not supported", param=key)
-    if body.get("best_of") not in (None, 1):
-        raise OpenAIError(400, "`best_of` must be 1", param="best_of")
+    for key, neutral in NEUTRAL.items():
+        if key in body and not any(body[key] == v and type(body[key]) in (type(v), int, float) for v in neutral):
+            raise OpenAIError(400, f"`{key}` is not supported: send {neutral[-1]!r} or leave it out", param=key)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:

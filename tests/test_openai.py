@@ -61,6 +61,16 @@ def test_chat_unary_and_streamed_give_grpc_greedy_text(served):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_what_load_tools_send_is_taken(served):
+    """`vllm bench serve`'s payload: neutral vLLM options (repetition_penalty 1, logprobs null) are accepted,
+    and ignore_eos gives exactly max_tokens tokens."""
+    body = {"model": "tiny-gptq", "prompt": PROMPT, "max_tokens": 40, "repetition_penalty": 1.0, "logprobs": None,
+            "ignore_eos": True, "temperature": 0}
+    code, reply = http_json(served[0], "/v1/completions", body)
+    assert code == 200 and reply["usage"]["completion_tokens"] == 40 and reply["choices"][0]["finish_reason"] == \
+        "length"
+
+
 def test_models_lists_the_served_name(served):
     assert [m.id for m in served[2].models.list()] == ["tiny-gptq"]
 
@@ -71,6 +81,7 @@ def test_models_lists_the_served_name(served):
     ({"top_p": 0}, 400, "top_p", "top_p must be in (0, 1], got 0.0"),
     ({"n": 2}, 400, "n", "`n` must be 1"),
     ({"logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported field(s) ['logit_bias']"),
+    ({"repetition_penalty": 1.2}, 400, "repetition_penalty", "`repetition_penalty` is not supported: send 1.0"),
     ({"prompt": ""}, 400, "prompt", "the prompt is empty"),
     ({"model": "gpt-4"}, 404, "model", "the model `gpt-4` does not exist here"),
 ])
@@ -80,7 +91,7 @@ def test_bad_requests_get_openai_errors_naming_the_field(served, body, status, p
     assert code == status and set(reply["error"]) == {"message", "type", "param", "code"}
     assert reply["error"]["param"] == param and message in reply["error"]["message"]
     with pytest.raises(openai.APIStatusError) as info:  # the client raises its typed errors from them
-        served[2].completions.create(**{"model": "tiny-gptq", "prompt": PROMPT, **body})
+        served[2].completions.create(model="tiny-gptq", prompt=PROMPT, extra_body=body)
     assert info.value.status_code == status
 
 
