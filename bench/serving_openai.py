@@ -102,7 +102,10 @@ def load(port: int, tokenizer: Path, concurrency: int, prompts: int, input_len: 
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if done.returncode or line is None:
         raise RuntimeError(f"vllm bench serve failed:\n{done.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT "):])
+    if not result.get("completed"):  # every request failed: a broken row is not a result
+        raise RuntimeError(f"no request of the load completed:\n{done.stdout[-3000:]}")
+    return result
 
 
 def main() -> None:
