@@ -312,6 +312,9 @@ def build_app(config: ServeConfig):
     ).bind(config.to_dict())
 
 
+LOCKDOWN_WAIT_S = 60.0  # how long start_server waits for every proxy to report its hooks and address
+
+
 def start_server(config: ServeConfig) -> bool:
     """Start Serve's proxies on the connected Ray (gRPC on config.host:grpc_port, HTTP on config.host:http_port)
     with rayquant's proxy hooks, deploy the app, and return once its replicas are up and every proxy is
@@ -335,7 +338,7 @@ def start_server(config: ServeConfig) -> bool:
                               f"{config.host}:{config.grpc_port} ({'; '.join(problems)}): stop it (`serve shutdown`) "
                               "or serve on a cluster where Serve is not running yet")
     serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
-    problems = wait_until_locked_down(config.host, config.grpc_port)
+    problems = wait_until_locked_down(config.host, config.grpc_port, LOCKDOWN_WAIT_S)
     if problems:
         stop_server(config, started)
         raise ConfigError(f"refusing to serve: the gRPC proxy is not locked down ({'; '.join(problems)})")

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ def _port() -> int:
 
 def test_ray_job_submit(tiny_llama, tmp_path):
     gcs, dashboard = _port(), _port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # this interpreter's `ray` and `rayquant`, also when its virtualenv is not activated
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # its own session dir: other local Rays don't interfere
     started = subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
