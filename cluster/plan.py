@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantizer.errors import ConfigError
+from quantizer.layer_builder import mlp_width
 from quantizer.model_io import CheckpointReader
 
 GB = 1024**3
@@ -60,7 +61,7 @@ def layer_groups(reader: CheckpointReader, index: int, intermediate: int, all_ex
     Hessian per expert while their inputs are captured — except the gate/up group when every expert is
     calibrated on every token, which shares one."""
     arch = reader.arch
-    width = int(getattr(reader.config, "intermediate_size", 0) or 0)
+    width = mlp_width(reader.config)
     spec = arch.spec(index)
     dense = not spec.sparse
     shapes = arch.linear_shapes(index)

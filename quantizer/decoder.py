@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
@@ -226,14 +226,17 @@ def build_meta_model(config: PretrainedConfig) -> nn.Module:
         except ValueError as exc:
             if implementation == "eager":
                 raise ConfigError(f"transformers cannot build {config.model_type}: {exc}") from exc
-    owners = set()
+    owners: dict[str, nn.Module] = {}
     for name, buffer in list(model.named_non_persistent_buffers()):
         owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
+        owner = owners[owner_name] = model.get_submodule(owner_name) if owner_name else model
         owner._buffers[attr] = torch.empty_like(buffer, device="cpu")
-        owners.add(owner)
-    for owner in owners:
-        model._init_weights(owner)
+    # each owner is initialised by the innermost PreTrainedModel holding it, as transformers' own init does
+    # (Gemma 3n's text model reads its own attributes there)
+    pretrained = {name: m for name, m in model.named_modules() if isinstance(m, PreTrainedModel)}
+    for owner_name, owner in owners.items():
+        holder = max((n for n in pretrained if not n or owner_name == n or owner_name.startswith(n + ".")), key=len)
+        pretrained[holder]._init_weights(owner)
     return model.eval()
 
 

@@ -20,6 +20,7 @@ ALIASES: dict[str, str] = {
 # fnmatch patterns of module names (relative to a decoder layer) kept float in addition to the generic rule
 FLOAT: dict[str, tuple[str, ...]] = {
     "zaya": ("mlp.gate.*",),  # its router is a small MLP (E + 1 outputs) inside the gate
+    "gemma3n_text": ("altup.*",),  # AltUp's router and its per-modality coefficients (4 outputs each)
 }
 
 # nn.Linear subclasses whose forward is a plain linear map (quantized like nn.Linear); others (BitNet's, which

@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from quantizer.config import QuantConfig
 from quantizer.decoder import Architecture
+from quantizer.errors import ConfigError
 from quantizer.packing import PackedLinear
 from quantizer.qlinear import QuantLinear
 
@@ -25,8 +26,18 @@ def compute_config(config: PretrainedConfig, intermediate_size: int | None = Non
     return cfg
 
 
+def mlp_width(config: PretrainedConfig) -> int:
+    """The dense MLP's width (intermediate_size); the widest where the family sets one per layer (Gemma 3n)."""
+    size = getattr(config, "intermediate_size", 0) or 0
+    return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
+
+
 def padded_intermediate(config: PretrainedConfig, multiple: int) -> int:
-    size = int(getattr(config, "intermediate_size", 0) or 0)
+    """The dense MLP's width padded up to a multiple of `multiple` (≤ 0: unpadded)."""
+    if multiple > 0 and isinstance(getattr(config, "intermediate_size", 0), (list, tuple)):
+        raise ConfigError(f"pad_intermediate_to needs one intermediate_size; {config.model_type} sets one per layer: "
+                          "leave pad_intermediate_to at 0")
+    size = mlp_width(config)
     return size if multiple <= 0 else -(-size // multiple) * multiple
 
 
@@ -34,7 +45,7 @@ def compute_architecture(reader, qcfg: QuantConfig) -> Architecture:
     """The model as the stages build it from `reader` (a CheckpointReader): the reader's, or with the dense MLP
     padded (pad_intermediate_to)."""
     width = padded_intermediate(reader.config, qcfg.pad_intermediate_to)
-    if width == int(getattr(reader.config, "intermediate_size", 0) or 0):
+    if width == mlp_width(reader.config):
         return reader.arch
     return Architecture(compute_config(reader.config, width), reader.tensors)
 
