@@ -26,13 +26,15 @@ def _port() -> int:
 
 
 def test_ray_job_submit(tiny_llama, tmp_path):
-    gcs, dashboard = _port(), _port()
+    gcs, dashboard, agent = _port(), _port(), _port()
     # this interpreter's `ray` and `rayquant`, also when its virtualenv is not activated
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # its own session dir: other local Rays don't interfere
     started = subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
                               "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+                              # not the default 52365, which a Ray started by a test on the other worker may hold
+                              "--dashboard-agent-listen-port", str(agent),
                               "--temp-dir", temp_dir], env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
     try:
