@@ -45,6 +45,7 @@ log = logging.getLogger("ray.serve")
 
 _END = StopIteration  # Serve's marker for "this request's stream is over"
 _NO_OUTPUT = None  # a batch entry for a request that produced nothing at this step
+LOCKDOWN_WAIT_S = 60.0  # how long start_server waits for every proxy to report its hooks and address
 
 
 def _refuse(context: RayServegRPCContext | None, code: grpc.StatusCode, exc: Exception) -> NoReturn:
@@ -310,9 +311,6 @@ def build_app(config: ServeConfig):
         autoscaling_config=config.autoscaling, ray_actor_options=config.ray_actor_options,
         max_ongoing_requests=max(4 * config.max_batch_size, 16),
     ).bind(config.to_dict())
-
-
-LOCKDOWN_WAIT_S = 60.0  # how long start_server waits for every proxy to report its hooks and address
 
 
 def start_server(config: ServeConfig) -> bool:

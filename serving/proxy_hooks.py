@@ -230,7 +230,7 @@ def lockdown_problems(host: str, port: int) -> list[str]:
     return problems
 
 
-def wait_until_locked_down(host: str, port: int, timeout_s: float = 60.0) -> list[str]:
+def wait_until_locked_down(host: str, port: int, timeout_s: float) -> list[str]:
     """Poll until every proxy reports the hooks and the configured address; returns what is still wrong."""
     deadline = time.time() + timeout_s
     while True:

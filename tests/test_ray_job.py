@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,18 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import free_port
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit(tiny_llama, tmp_path):
-    gcs, dashboard, agent = _port(), _port(), _port()
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     # this interpreter's `ray` and `rayquant`, also when its virtualenv is not activated
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
