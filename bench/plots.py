@@ -162,15 +162,19 @@ def _moe_solve_workers(ax, rows: Rows) -> None:
            "tab:green", "seconds per layer", "MoE expert solves on 1 and 2 workers (1 thread each)")
 
 
-def _rehearsal_235b(ax, rows: Rows) -> None:
-    x = list(range(len(rows)))
-    ax.bar([i - 0.2 for i in x], [r["planned_gb"] for r in rows], 0.4, label="planner estimate", color="tab:gray")
-    ax.bar([i + 0.2 for i in x], [r["stage_peak_rss_gb"] for r in rows], 0.4, label="measured peak RSS",
-           color="tab:blue")
-    ax.set_xticks(x, [f"layer {r['layer']} ({r['layer_wall_s']:.0f} s)" for r in rows])
-    ax.set_ylabel("GiB")
-    ax.set_title("Qwen3-235B-A22B-shaped layers on CPU: memory, planned vs measured")
-    ax.legend()
+def _rehearsal(model: str) -> Callable[[Any, Rows], None]:
+    """A dress rehearsal's layers: the stage's peak RSS against the planner's estimate."""
+    def plot(ax, rows: Rows) -> None:
+        x = list(range(len(rows)))
+        ax.bar([i - 0.2 for i in x], [r["planned_gb"] for r in rows], 0.4, label="planner estimate",
+               color="tab:gray")
+        ax.bar([i + 0.2 for i in x], [r["stage_peak_rss_gb"] for r in rows], 0.4, label="measured peak RSS",
+               color="tab:blue")
+        ax.set_xticks(x, [f"layer {r['layer']} ({r['layer_wall_s']:.0f} s)" for r in rows])
+        ax.set_ylabel("GiB")
+        ax.set_title(f"{model}-shaped layers on CPU: memory, planned vs measured")
+        ax.legend()
+    return plot
 
 
 def _data_parallel(ax, rows: Rows) -> None:
@@ -219,7 +223,9 @@ PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "gpu_layer_decode": _decode, "gpu_layer_small_decode": _decode, "rehearsal_72b": _rehearsal_72b,
     "rehearsal_72b_layer0": _rehearsal_72b_layer0, "moe_quality": _moe_quality,
     "moe_quality_trained": _moe_quality, "moe_quality_deepseek_v3": _moe_quality,
-    "moe_quality_glm4_moe": _moe_quality, "moe_solve_workers": _moe_solve_workers, "rehearsal_235b": _rehearsal_235b,
+    "moe_quality_glm4_moe": _moe_quality, "moe_solve_workers": _moe_solve_workers,
+    "rehearsal_235b": _rehearsal("Qwen3-235B-A22B"), "rehearsal_deepseek_v3": _rehearsal("DeepSeek-V3 (FP8 source)"),
+    "rehearsal_kimi_k2": _rehearsal("Kimi-K2 (FP8 source)"),
     "data_parallel": _data_parallel, "data_parallel_7b_layer": _data_parallel,
 }
 

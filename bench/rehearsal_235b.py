@@ -20,11 +20,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
 from bench.common import run_cli, write_results
-from bench.rehearsal_72b import CALIBRATION, plain_calibration_text, write_random_checkpoint
-from quantizer.loading import load_model
+from bench.rehearsal_72b import CALIBRATION, finite_logits, plain_calibration_text, run_meta, write_random_checkpoint
 from tests.synthetic_checkpoint import QWEN3_235B_A22B
 
 log = logging.getLogger("bench")
@@ -57,11 +55,7 @@ def main() -> None:
         float_dir, out = work / "qwen3-235b-shaped", work / "qwen3-235b-shaped-gptq"
         quantize(float_dir, out, plain_calibration_text(work / "calibration.txt"), args.layers)
         report = json.loads((out / "quantize_report.json").read_text())
-        model = load_model(out, dtype=torch.bfloat16)
-        with torch.no_grad():
-            logits = model(torch.arange(1, 65)[None]).logits
-        loads = {"our loader": "finite logits" if torch.isfinite(logits).all() else "NON-FINITE logits"}
-        del model
+        loads = finite_logits(out)
         rows = []
         stage = report["stages"][0]
         for layer in stage["layer_reports"]:
@@ -72,15 +66,10 @@ def main() -> None:
                          "experts_fell_back": len(layer["expert_fallbacks"]),
                          "min_expert_tokens": min(tokens), "max_expert_tokens": max(tokens),
                          "experts_without_tokens": sum(t == 0 for t in tokens)})
-        meta = {"model": f"Qwen3-235B-A22B shapes, {len(rows)} decoder layer(s), random bf16 weights",
-                "job": "int4 g128 sym, group-aware order, moe_calibration auto (an expert routed fewer tokens "
-                       "than its projection's inputs is calibrated on every token); 1 stage, 2 threads, CPU "
-                       "(fp32 compute)",
-                "calibration": f"{report['calibration_tokens']} tokens ({CALIBRATION.num_samples} × "
-                               f"{CALIBRATION.max_len}, shipped Wikipedia text)",
-                "quantize_wall_s": round(report["wall_seconds"], 1),
-                "driver_peak_rss_mb": round(report["driver_peak_rss_mb"]), "loads": loads,
-                "machine": "2 CPU cores, 24 GiB RAM, local Ray"}
+        meta = run_meta(report, f"Qwen3-235B-A22B shapes, {len(rows)} decoder layer(s), random bf16 weights",
+                        "int4 g128 sym, group-aware order, moe_calibration auto (an expert routed fewer tokens "
+                        "than its projection's inputs is calibrated on every token); 1 stage, 2 threads, CPU "
+                        "(fp32 compute)", loads)
         write_results("rehearsal_235b", rows, ["layer", "layer_wall_s", "stage_peak_rss_gb", "planned_gb",
                                                "rss_vs_plan", "experts_fell_back", "min_expert_tokens",
                                                "max_expert_tokens", "experts_without_tokens"], meta)

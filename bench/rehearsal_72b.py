@@ -80,6 +80,24 @@ def write_random_checkpoint(path: Path, layers: int, seed: int = 0, shapes_of: d
     return path
 
 
+def run_meta(report: dict, model: str, job: str, loads: dict) -> dict:
+    """The meta of a dress rehearsal's result: what ran, on which calibration, the job's wall and driver memory."""
+    return {"model": model, "job": job,
+            "calibration": f"{report['calibration_tokens']} tokens ({CALIBRATION.num_samples} × "
+                           f"{CALIBRATION.max_len}, shipped Wikipedia text)",
+            "quantize_wall_s": round(report["wall_seconds"], 1),
+            "driver_peak_rss_mb": round(report["driver_peak_rss_mb"]), "loads": loads,
+            "machine": "2 CPU cores, 24 GiB RAM, local Ray"}
+
+
+def finite_logits(out: Path) -> dict[str, str]:
+    """Whether our loader reads the checkpoint `out` and gives finite logits on 64 tokens (bf16)."""
+    model = load_model(out, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(torch.arange(1, 65)[None]).logits
+    return {"our loader": "finite logits" if torch.isfinite(logits).all() else "NON-FINITE logits"}
+
+
 def plain_calibration_text(path: Path) -> Path:
     """The shipped calibration documents joined into one plain text, so that the job cuts it into full
     512-token windows (16 × 512 tokens exactly) instead of truncating documents of uneven length."""
@@ -249,15 +267,9 @@ def main() -> None:
                 rows.append({"stage": stage["stage"], "layer": layer["layer"], "layer_wall_s": layer["seconds"],
                              "stage_peak_rss_gb": stage["peak_rss_mb"] / 1024, "planned_gb": stage["planned_gb"],
                              "rss_vs_plan": stage["peak_rss_mb"] / planned_mb})
-        meta = {"model": f"Qwen2-72B shapes, {len(rows)} decoder layers, random bf16 weights",
-                "job": "configs/qwen2-72b.yaml (int4 g128 sym, group-aware order, MLP padded to 29696), "
-                       "2 stages on CPU, 2 threads each, sequential schedule",
-                "calibration": f"{report['calibration_tokens']} tokens ({CALIBRATION.num_samples} × "
-                               f"{CALIBRATION.max_len}, shipped Wikipedia text)",
-                "quantize_wall_s": round(report["wall_seconds"], 1),
-                "driver_peak_rss_mb": round(report["driver_peak_rss_mb"]),
-                "loads (bf16 logits, 128 held-out tokens)": loads,
-                "machine": "2 CPU cores, 24 GiB RAM, local Ray"}
+        meta = run_meta(report, f"Qwen2-72B shapes, {len(rows)} decoder layers, random bf16 weights",
+                        "configs/qwen2-72b.yaml (int4 g128 sym, group-aware order, MLP padded to 29696), "
+                        "2 stages on CPU, 2 threads each, sequential schedule", loads)
         write_results("rehearsal_72b", rows, ["stage", "layer", "layer_wall_s", "stage_peak_rss_gb", "planned_gb",
                                               "rss_vs_plan"], meta)
         write_results("rehearsal_72b_layer0", errors,

@@ -19,6 +19,7 @@ _QUANTIZE_FLAGS = {
     "true_sequential": "quant.true_sequential", "method": "quant.method",
     "pad_intermediate_to": "quant.pad_intermediate_to", "moe_calibration": "quant.moe_calibration",
     "moe_min_token_fraction": "quant.moe_min_token_fraction", "moe_fallback": "quant.moe_fallback",
+    "experts_per_chunk": "quant.experts_per_chunk",
     "solve_workers": "resources.solve_workers", "workers": "resources.workers",
     "transport": "resources.transport",
     "num_samples": "calibration.num_samples", "max_len": "calibration.max_len",
@@ -34,14 +35,16 @@ def _stages(value: str) -> int | str:
 
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a checkpoint with GPTQ on Ray (local Ray unless --address)",
-                       description="Quantize a Hugging Face causal LM (Llama/Mistral/Qwen2/Qwen3 and the "
-                       "mixtures of experts Qwen3-MoE/Qwen2-MoE/Mixtral) with GPTQ. "
+                       description="Quantize a Hugging Face causal LM (any decoder-only family transformers "
+                       "implements, read from its own modules: Llama, Qwen, DeepSeek-V3/Kimi-K2 — also from their "
+                       "FP8 releases —, GLM-4.5, gpt-oss, …) with GPTQ. "
                        "Decoder layers are split into contiguous stages, one Ray actor each. Without --model, "
                        "quantizes the packaged SmolLM2-135M on the shipped Wikipedia calibration text "
                        "(configs/default.yaml holds the settings for it). "
                        "Rerunning the same command after a crash resumes from the finished layers.")
     p.add_argument("--config", type=Path, help="YAML job file (see configs/); flags below override it")
-    p.add_argument("--model", help="float checkpoint: a dir, a Hub id org/name[@revision], an s3:// or gs:// URL, "
+    p.add_argument("--model", help="float or block-scaled FP8 checkpoint: a dir, a Hub id org/name[@revision], an "
+                   "s3:// or gs:// URL, "
                    "or 'default' (packaged SmolLM2-135M-Instruct)")
     p.add_argument("--calib", help="calibration file (path or s3:// / gs:// URL): Qwen conversation .json, .jsonl, "
                    "or plain text")
@@ -68,7 +71,7 @@ def _add_quantize(sub) -> None:
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--method", choices=["gptq", "rtn"], help="gptq (default) or the round-to-nearest baseline")
     g.add_argument("--pad-intermediate-to", type=int, help="zero-pad the MLP width to a multiple (Qwen2-72B: 1024)")
-    m = p.add_argument_group("mixture of experts (qwen3_moe, qwen2_moe, mixtral)")
+    m = p.add_argument_group("mixture of experts (DeepSeek-V3/Kimi-K2, Qwen3-MoE, GLM-4.5, gpt-oss, Mixtral, …)")
     m.add_argument("--moe-calibration", choices=["auto", "all", "routed"],
                    help="tokens in an expert's Hessian (outputs always follow the router): all = every token, "
                    "routed = its routed tokens, auto (default) = routed when they are at least as many as the "
@@ -77,6 +80,9 @@ def _add_quantize(sub) -> None:
                    help="an expert whose Hessian saw fewer of the layer's tokens falls back (default 0.005)")
     m.add_argument("--moe-fallback", choices=["rtn", "damp"],
                    help="that fallback: round-to-nearest (default) or GPTQ with damp_percent 0.1")
+    m.add_argument("--experts-per-chunk", type=int,
+                   help="experts held in memory at once while a sparse layer is quantized (the rest stream from "
+                   "disk; the result is the same bit for bit); default 0: the most that fit the memory budget")
     c = p.add_argument_group("calibration")
     c.add_argument("--num-samples", type=int, help="sequences (default 128)")
     c.add_argument("--max-len", type=int, help="tokens per sequence at most (default 512)")
@@ -125,6 +131,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--worker-tflops", type=float, help="assumed TFLOP/s of one worker for the phase estimate "
                    "(default 200 on GPUs, 0.2 on CPUs: 2 fp32 threads as measured here)")
     p.add_argument("--link-gbps", type=float, default=10.0, help="assumed GB/s between workers (default 10)")
+    p.add_argument("--num-samples", type=int, help="calibration sequences (default 128)")
+    p.add_argument("--max-len", type=int, help="tokens per sequence (default 512)")
+    p.add_argument("--batch-size", type=int, help="sequences per activation batch (default 8)")
+    p.add_argument("--moe-calibration", choices=["auto", "all", "routed"])
+    p.add_argument("--experts-per-chunk", type=int, help="experts held at once (default: the most that fit)")
 
 
 def add_quantization_commands(sub) -> None:
@@ -163,9 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from cluster.driver import default_budget, job_sizes, resolve_model
+    from cluster.driver import default_budget, experts_line, job_sizes, plan_job, resolve_model
     from cluster.job import load_job
-    from cluster.plan import describe, describe_phases, estimate_phases, plan_stages
+    from cluster.plan import describe, describe_phases, estimate_phases, experts_see_every_token, host_bytes, human
     from quantizer.layer_builder import padded_intermediate
     from quantizer.model_io import CheckpointReader
 
@@ -175,14 +186,20 @@ def cmd_plan(args: argparse.Namespace) -> None:
     intermediate = padded_intermediate(reader.config, job.quant.pad_intermediate_to)
     schedule = job.resolved_schedule
     stages = 1 if schedule == "data_parallel" else job.stages
-    plans = plan_stages(job_sizes(reader, job, intermediate, tokens), stages, default_budget(job))
-    print(describe(plans))
+    plans, job = plan_job(reader, job, intermediate, tokens, stages, default_budget(job))
+    print(describe(plans) + experts_line(reader, job))
+    if job.resources.gpus_per_stage:
+        sizes = job_sizes(reader, job, intermediate, tokens, job.quant.experts_per_chunk)
+        print(f"  host RAM per worker: about {human(host_bytes(sizes))} (the process, and the float weights of one "
+              "layer as read from disk before they move to the GPU)")
     workers = job.resources.workers if schedule == "data_parallel" else 1
     flops = (args.worker_tflops or (200 if job.resources.gpus_per_stage else 0.2)) * 1e12
     sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(i)]
-    estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate,
-                               job.calibration.num_samples * job.calibration.max_len, workers, job.quant.bits, flops,
-                               args.link_gbps * 1e9, job.quant.moe_calibration == "all")
+    calibration_tokens = job.calibration.num_samples * job.calibration.max_len
+    estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate, calibration_tokens, workers,
+                               job.quant.bits, flops, args.link_gbps * 1e9,
+                               experts_see_every_token(reader, job.quant.moe_calibration, calibration_tokens),
+                               job.quant.experts_per_chunk)
     if schedule == "data_parallel":
         print(describe_phases(estimate, reader.num_layers, workers, flops, args.link_gbps * 1e9,
                               job.resources.resolved_transport))

@@ -24,10 +24,11 @@ from quantizer.activations import TokenBatch
 from quantizer.calibration import make_batches
 from quantizer.checkpoint import shard_name
 from quantizer.decoder import Unit
-from quantizer.engine import LayerReport, StagePhase
+from quantizer.engine import LayerReport, StagePhase, start_chunks
 from quantizer.errors import ConfigError
 from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
+from quantizer.passes import layer_passes
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,20 @@ class DataParallelRun:
     def _layer(self, index: int, progress: StageProgress) -> None:
         started, wall = time.time(), time.perf_counter()
         ray.get([w.begin_layer.remote(index) for w in self.workers])
-        groups = self.reader.arch.layer_units(index)
-        passes = [[g] for g in groups] if self.qcfg.true_sequential else [list(groups)]
+        arch = self.reader.arch
+        passes = layer_passes(arch.spec(index), arch.num_experts(index), self.qcfg.experts_per_chunk,
+                              self.qcfg.true_sequential)
         report = LayerReport(layer=index, started=started)
+        start_chunks(report, passes)
         phase = {"layer": index, "forward_s": 0.0, "hessian_s": 0.0, "reduce_s": 0.0, "solve_s": 0.0,
                  "broadcast_s": 0.0, "hessian_bytes": 0, "result_bytes": 0}
-        for p, pass_groups in enumerate(passes):
-            progress.update(StagePhase(index, f"calibration forward on {self.world} workers (pass {p + 1}/"
+        for p, step in enumerate(passes):
+            pass_start = time.perf_counter()
+            chunk = "" if step.experts is None else \
+                f"experts {step.experts.start}-{step.experts.stop - 1} of {arch.num_experts(index)}, "
+            progress.update(StagePhase(index, f"calibration forward on {self.world} workers ({chunk}pass {p + 1}/"
                                               f"{len(passes)})"))
-            owners = assign_units(self.reader, index, pass_groups, self.world)
+            owners = assign_units(self.reader, index, step.groups, self.world)
             meta = ray.get([w.capture.remote(p, report.expert_tokens) for w in self.workers])
             phase["forward_s"] += max(m["forward_s"] for m in meta)
             phase["hessian_s"] += max(m["hessian_s"] for m in meta)
@@ -132,6 +138,8 @@ class DataParallelRun:
                         report.cholesky_fallbacks[name] = result.cholesky_fallback
                 report.hessian_tokens.update(output["hessian_tokens"])
                 report.expert_fallbacks.update(output["expert_fallbacks"])
+            if step.chunk is not None:
+                report.chunk_seconds[step.chunk] += time.perf_counter() - pass_start
         progress.update(StagePhase(index, "forward through the quantized layer"))
         report.finished = time.time()
         report.seconds = time.perf_counter() - wall

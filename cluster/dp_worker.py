@@ -152,7 +152,7 @@ class DataParallelWorker:
         start = time.perf_counter()
         report = LayerReport(layer=self.work.index)
         results: list[tuple[str, QuantResult]] = []
-        for group in self.work.passes[pass_index]:
+        for group in self.work.passes[pass_index].groups:
             mine = tuple(unit for unit in group if unit in accs)
             if mine:
                 results += list(self.engine._solve_group(self.work.layer, mine, accs, report))

@@ -20,7 +20,7 @@ from cluster.data_parallel import DataParallelRun, split_sequences
 from cluster.job import JobConfig
 from cluster.job_lock import LOCK_FILE, JobLock
 from cluster.output import OutputTarget
-from cluster.plan import GB, StagePlan, describe, model_sizes, plan_stages
+from cluster.plan import GB, StagePlan, describe, fitting_plans, model_sizes, plan_stages
 from cluster.progress import JobProgress, StageProgress
 from cluster.recovery import Recovery, inputs_lost, recoverable, wait_until_restarted
 from cluster.resume import layers_folder, open_work_dir, remove_work_dir
@@ -113,12 +113,46 @@ def default_budget(job: JobConfig) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
 
 
-def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, tokens_per_batch: int):
+def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, tokens_per_batch: int, chunk: int = 0):
     """The planner's sizes for this job: stages compute in fp32 on CPU, in the checkpoint dtype on GPU;
-    pipelined stages keep their float layers."""
+    pipelined stages keep their float layers; `chunk` experts of a sparse layer held in float at once (0: all)."""
     return model_sizes(reader, tokens_per_batch, job.resources.max_inflight_chunks, intermediate,
                        compute_bytes=None if job.resources.gpus_per_stage else 4,
-                       pipelined=job.resolved_schedule == "pipelined", all_experts=job.quant.moe_calibration == "all")
+                       pipelined=job.resolved_schedule == "pipelined",
+                       all_experts=job.quant.moe_calibration == "all",
+                       chunk=chunk, bits=job.quant.bits)
+
+
+def experts_line(reader: CheckpointReader, job: JobConfig) -> str:
+    """"\n  experts: 32 of 256 held at once (streamed from disk)" for a sparse model ("" for a dense one)."""
+    experts = max((reader.arch.num_experts(i) for i in range(reader.num_layers)), default=0)
+    if not experts:
+        return ""
+    chunk = min(job.quant.experts_per_chunk or experts, experts)
+    how = "streamed from disk a chunk at a time" if chunk < experts else "all fit"
+    return f"\n  experts: {chunk} of {experts} per sparse layer held in float at once ({how})"
+
+
+def plan_job(reader: CheckpointReader, job: JobConfig, intermediate: int, tokens_per_batch: int, stages: int | str,
+             budget: int) -> tuple[list[StagePlan], JobConfig]:
+    """The stage split, and the job with its expert chunk resolved: quant.experts_per_chunk as set, or else the
+    most experts whose float weights and Hessians fit `budget` beside the rest (every expert when they all fit)."""
+    experts = max((reader.arch.num_experts(i) for i in range(reader.num_layers)), default=0)
+    chunk = job.quant.experts_per_chunk or experts
+
+    def fits(k: int) -> bool:
+        return fitting_plans(job_sizes(reader, job, intermediate, tokens_per_batch, k), stages, budget)[1]
+
+    if experts and not job.quant.experts_per_chunk and not fits(chunk):
+        low, high = 1, experts  # the largest chunk that fits: low fits (or nothing does), high does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        chunk = low
+    plans = plan_stages(job_sizes(reader, job, intermediate, tokens_per_batch, chunk), stages, budget)
+    if experts:
+        job = dataclasses.replace(job, quant=dataclasses.replace(job.quant, experts_per_chunk=chunk))
+    return plans, job
 
 
 def few_tokens_warning(tokens: int, reader: CheckpointReader) -> str | None:
@@ -180,11 +214,11 @@ class Driver:
         self.shares = split_sequences(samples, job.resources.workers, job.calibration.batch_size, pad) \
             if self.data_parallel else []
         # a data-parallel worker holds what a one-stage job holds: one layer at a time, every layer in turn
-        self.plans: list[StagePlan] = plan_stages(job_sizes(self.reader, job, self.intermediate, tokens_per_batch),
-                                                  1 if self.data_parallel else job.stages, default_budget(job))
+        self.plans, self.job = plan_job(self.reader, job, self.intermediate, tokens_per_batch,
+                                        1 if self.data_parallel else job.stages, default_budget(job))
         self.actors: list = []
         self.dp: DataParallelRun | None = None
-        log.info("%s", describe(self.plans))
+        log.info("%s%s", describe(self.plans), experts_line(self.reader, self.job))
 
     def resume_hash(self) -> str:
         """What a resumed run must share with the run that made the finished layers: the settings, the model's

@@ -86,7 +86,7 @@ class JobConfig:
         """Hash of the settings that change the output. The model and calibration file count by their content
         (the driver adds their identities); a resumed run must match both."""
         relevant = {
-            "quant": dataclasses.asdict(self.quant),
+            "quant": {k: v for k, v in dataclasses.asdict(self.quant).items() if k != "experts_per_chunk"},
             "calibration": dataclasses.asdict(self.calibration),
             "schedule": self.resolved_schedule,
             "workers": self.resources.workers if self.resolved_schedule == "data_parallel" else None,

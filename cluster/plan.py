@@ -5,7 +5,8 @@ Pure function of sizes read from config.json and the safetensors headers: no wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import mlp_width
@@ -45,6 +46,12 @@ class ModelSizes:
     compute_scale: float = 1.0  # compute bytes / checkpoint bytes of a weight: 2 for bf16 computed in fp32 (CPU)
     all_layers_resident: bool = False  # pipelined schedule: the stage's float layers stay loaded
     base: int = 0  # the process itself
+    held_bytes: list[int] = field(default_factory=list)  # float bytes of each layer held at once (a sparse layer:
+    #                                                      one chunk of its experts); empty = layer_bytes
+
+    @property
+    def held(self) -> list[int]:
+        return self.held_bytes or self.layer_bytes
 
 
 def solve_workspace(groups: list[tuple[int, int]]) -> int:
@@ -54,12 +61,12 @@ def solve_workspace(groups: list[tuple[int, int]]) -> int:
     return max(max(int(2.5 * i * i * 4) + 2 * r * i * 4, i * i * 4 + 4 * r * i * 4 + r * i) for r, i in groups)
 
 
-def layer_groups(reader: CheckpointReader, index: int, intermediate: int, all_experts: bool = True
-                 ) -> list[tuple[list[tuple[int, int]], int]]:
+def layer_groups(reader: CheckpointReader, index: int, intermediate: int, all_experts: bool = True,
+                 chunk: int = 0) -> list[tuple[list[tuple[int, int]], int]]:
     """Each sequential group of layer `index` as ([(stacked rows, in_features) per unit], Hessians held at
     once). The MLP of a dense layer is padded to `intermediate`. A sparse layer's expert groups hold one
-    Hessian per expert while their inputs are captured — except the gate/up group when every expert is
-    calibrated on every token, which shares one."""
+    Hessian per expert of a chunk (`chunk` experts streamed at a time; 0: all) while their inputs are captured
+    — except the gate/up group when every expert is calibrated on every token, which shares one."""
     arch = reader.arch
     width = mlp_width(reader.config)
     spec = arch.spec(index)
@@ -74,7 +81,10 @@ def layer_groups(reader: CheckpointReader, index: int, intermediate: int, all_ex
             units.append((rows, in_features))
         experts_input = [u for u in group if any(u[0].startswith(e + ".") for e in spec.experts)
                          and u[0].rpartition(".")[2] in ("gate_proj", "up_proj")]
-        hessians = len(group)
+        in_experts = [u for u in group if any(u[0].startswith(e + ".") for e in spec.experts)]
+        per_expert = len(in_experts) // max(arch.num_experts(index), 1)
+        held = min(len(in_experts), per_expert * chunk) if chunk > 0 else len(in_experts)
+        hessians = len(group) - len(in_experts) + held
         if all_experts and experts_input:  # the routed experts' gate/up share one
             hessians = 1 + len(group) - len(experts_input)
         groups.append((units, hessians))
@@ -91,12 +101,43 @@ def layer_workspace(groups: list[tuple[list[tuple[int, int]], int]]) -> int:
     return peak
 
 
+def experts_see_every_token(reader: CheckpointReader, moe_calibration: str, tokens: int) -> bool:
+    """Whether the experts will mostly be calibrated on every token (for the phase estimate: each then runs on
+    every token for its down_proj Hessian): always under "all"; under "auto" when even twice an even share of the
+    routed tokens (2 · tokens · top-k / E: routers load experts unevenly) is fewer than the experts' inputs. (Not
+    for memory: under "auto" each expert's own gate/up Hessian is captured beside the shared one until the
+    routed counts decide.)"""
+    if moe_calibration != "auto":
+        return moe_calibration == "all"
+    sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(i)]
+    if not sparse:
+        return False
+    top_k = int(getattr(reader.config, "num_experts_per_tok", None) or getattr(reader.config, "moe_k", 1))
+    return 2 * tokens * top_k / reader.arch.num_experts(sparse[0]) < reader.arch.hidden_size
+
+
+def expert_bytes(reader: CheckpointReader, index: int) -> tuple[int, int]:
+    """(float bytes of one expert as loaded, weights of all experts) of layer `index` ((0, 0) when dense), from
+    the headers of the tensors under the layer's experts."""
+    spec = reader.arch.spec(index)
+    if not spec.sparse:
+        return 0, 0
+    prefix = reader.arch.layer_prefix(index) + "."
+    blocks = tuple(prefix + e + "." for e in spec.experts)
+    to_module = reader.arch.names.to_module
+    inside = [reader.tensors[n] for n in reader.layer_tensor_names(index) if to_module[n].startswith(blocks)]
+    weights = sum(math.prod(t.shape) for t in inside if len(t.shape) >= 2)
+    return sum(t.nbytes for t in inside) // reader.arch.num_experts(index), weights
+
+
 def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, intermediate: int,
-                compute_bytes: int | None = None, pipelined: bool = False, all_experts: bool = True) -> ModelSizes:
+                compute_bytes: int | None = None, pipelined: bool = False, all_experts: bool = True,
+                chunk: int = 0, bits: int = 4) -> ModelSizes:
     """Sizes for planning. compute_bytes: bytes per weight in the stage's compute dtype (4 on CPU; None =
-    the checkpoint's); pipelined: stages keep their float layers. Activations: `inflight` batches in
-    and out and one MLP-wide intermediate, fp32; a sparse layer adds the routed-token buffers (the
-    block's input and output, one expert's intermediate)."""
+    the checkpoint's); pipelined: stages keep their float layers; chunk: experts of a sparse layer held in
+    float at once (0: all) — the finished ones are held packed (`bits` per weight and an fp16 scale per 128).
+    Activations: `inflight` batches in and out and one MLP-wide intermediate, fp32; a sparse layer adds the
+    routed-token buffers (the block's input and output, one expert's intermediate)."""
     arch = reader.arch
     hidden = arch.hidden_size
     activations = 2 * inflight * tokens_per_batch * hidden * 4 + tokens_per_batch * intermediate * 4 * 3
@@ -105,11 +146,19 @@ def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, 
         expert = arch.expert_width(sparse_layers[0])
         activations += tokens_per_batch * (2 * hidden + 3 * expert) * 4
     kinds = {0} | ({sparse_layers[0]} if sparse_layers else set())  # one dense and one sparse layer
-    workspace = max(layer_workspace(layer_groups(reader, i, intermediate, all_experts)) for i in kinds)
+    workspace = max(layer_workspace(layer_groups(reader, i, intermediate, all_experts, chunk)) for i in kinds)
+    held = []
+    for i in range(reader.num_layers):  # a sparse layer's float part: all but its streamed experts
+        one, _ = expert_bytes(reader, i)
+        experts = reader.arch.num_experts(i)
+        held.append(reader.layer_bytes(i) - one * (experts - (min(chunk, experts) if chunk > 0 else experts)))
+    if sparse_layers:  # the experts already solved, packed
+        workspace += int(expert_bytes(reader, sparse_layers[0])[1] * (bits / 8 + 2 / 128))
     head = reader.head_names()
     checkpoint_bytes = reader.embedding_info().dtype_torch.itemsize
     return ModelSizes(
         layer_bytes=[reader.layer_bytes(i) for i in range(reader.num_layers)],
+        held_bytes=held,
         first_extra=reader.tensor_bytes([n for n in reader.outside_layers() if n not in head]),
         last_extra=reader.tensor_bytes(head),
         workspace=workspace + activations,
@@ -119,10 +168,16 @@ def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, 
     )
 
 
+def host_bytes(sizes: ModelSizes) -> int:
+    """Host memory of a GPU stage at its peak: the process, the embeddings and the largest part of a layer held
+    at once, each read from disk into host memory (checkpoint dtype) before it moves to the GPU."""
+    return sizes.base + sizes.first_extra + max(sizes.held)
+
+
 def _stage_cost(sizes: ModelSizes, start: int, stop: int, n_layers: int) -> int:
     """Peak bytes of the stage with layers [start, stop): the quantizing phase, or writing the shard."""
     layers = sizes.layer_bytes[start:stop]
-    held = (sum(layers) if sizes.all_layers_resident else 0) + max(layers)
+    held = (sum(layers) if sizes.all_layers_resident else 0) + max(sizes.held[start:stop])
     cost = sizes.base + int(held * sizes.compute_scale) + sizes.workspace
     ends = sizes.first_extra if start == 0 else 0
     if stop == n_layers:
@@ -153,8 +208,8 @@ def _balanced_split(sizes: ModelSizes, stages: int, by_memory: bool) -> list[ran
     return bounds[::-1]
 
 
-def plan_stages(sizes: ModelSizes, stages: int | str, budget_bytes: int) -> list[StagePlan]:
-    """Contiguous layer ranges per stage; `stages="auto"` picks the fewest stages that fit `budget_bytes`.
+def fitting_plans(sizes: ModelSizes, stages: int | str, budget_bytes: int) -> tuple[list[StagePlan], bool]:
+    """The plans for `stages` (or the fewest that fit, "auto") and whether they fit `budget_bytes`.
 
     Stages get equal shares of layer bytes (equal work) when that fits; otherwise the split that
     minimizes the largest stage's memory."""
@@ -168,7 +223,16 @@ def plan_stages(sizes: ModelSizes, stages: int | str, budget_bytes: int) -> list
             plans = [StagePlan(k, r, _stage_cost(sizes, r.start, r.stop, n) - sizes.workspace, sizes.workspace)
                      for k, r in enumerate(split)]
             if max(p.total_bytes for p in plans) <= budget_bytes:
-                return plans
+                return plans, True
+    return plans, False
+
+
+def plan_stages(sizes: ModelSizes, stages: int | str, budget_bytes: int) -> list[StagePlan]:
+    """Contiguous layer ranges per stage (`fitting_plans`), or a refusal that says what would fit."""
+    plans, fits = fitting_plans(sizes, stages, budget_bytes)
+    if fits:
+        return plans
+    n = len(sizes.layer_bytes)
     worst = max(p.total_bytes for p in plans)
     if stages == "auto":
         raise ConfigError(
@@ -216,14 +280,16 @@ class PhaseEstimate:
 
 
 def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tokens: int, workers: int, bits: int,
-                    worker_flops: float, link_bytes_per_s: float, all_experts: bool = True) -> PhaseEstimate:
+                    worker_flops: float, link_bytes_per_s: float, all_experts: bool = True, chunk: int = 0
+                    ) -> PhaseEstimate:
     """Per-phase seconds of layer `index` under the data-parallel schedule on `workers` workers of
     `worker_flops` FLOP/s each, joined by links of `link_bytes_per_s`; `tokens` calibration tokens in all.
     Forward: the capture passes (each runs the layer up to its units: half a layer on average) and the
     output forward, 2 FLOPs per weight and token, every expert in a sparse layer's down_proj pass when all
     experts are calibrated on every token; Hessians: 2·in² per token and unit; solves: 2·rows·in² + in³ per
     unit, spread over the workers largest first; reduce: W − 1 partial Hessians per unit to its owner;
-    broadcast: the packed weights to the W − 1 other workers."""
+    broadcast: the packed weights to the W − 1 other workers. Experts streamed `chunk` at a time add, per further
+    chunk, the layer's non-expert part once more in each of the experts' passes."""
     arch, config = reader.arch, reader.config
     groups = layer_groups(reader, index, intermediate, all_experts)
     weights = sum(r * i for units, _ in groups for r, i in units)
@@ -236,6 +302,8 @@ def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tok
         dense = weights - expert_weights
         routed = expert_weights * top_k / experts
         forward_flops = 2 * tokens * (dense * (passes / 2 + 1) + routed * 3 + (expert_weights if all_experts else 0))
+        chunks = -(-experts // chunk) if 0 < chunk < experts else 1
+        forward_flops += 2 * tokens * dense * 2 * (chunks - 1)
     hessian_flops = sum(2 * i * i * tokens * shared for units, shared in groups for _, i in units[:1])
     solve_costs = sorted((2 * r * i * i + i**3 for units, _ in groups for r, i in units), reverse=True)
     loads = [0.0] * workers

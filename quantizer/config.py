@@ -33,6 +33,8 @@ class QuantConfig:
     #   widest input (a full-rank Hessian), every token otherwise
     moe_min_token_fraction: float = 0.005  # MoE: an expert whose Hessian saw fewer of the layer's tokens falls back
     moe_fallback: str = "rtn"  # "rtn" (round-to-nearest) or "damp" (GPTQ with damp_percent 0.1)
+    experts_per_chunk: int = 0  # MoE: experts whose float weights are held at once (memory only: the result is the
+    #                             same bit for bit); 0 = the most that fit the memory budget (the planner's choice)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -54,6 +56,8 @@ class QuantConfig:
             raise ConfigError(f"moe_fallback={self.moe_fallback!r} is unknown; use one of {MOE_FALLBACKS}")
         if not 0 <= self.moe_min_token_fraction < 1:
             raise ConfigError(f"moe_min_token_fraction={self.moe_min_token_fraction} must lie in [0, 1)")
+        if self.experts_per_chunk < 0:
+            raise ConfigError("experts_per_chunk must be 0 (sized from the memory budget) or a positive number")
         if self.pad_intermediate_to < 0:
             raise ConfigError("pad_intermediate_to must be 0 (off) or a positive multiple such as 1024")
 

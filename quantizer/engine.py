@@ -23,11 +23,13 @@ from quantizer.errors import ConfigError
 from quantizer.gptq import Factorization, factorize
 from quantizer.hessian import HessianAccumulator
 from quantizer.layer_builder import (
-    build_float_layer, build_quantized_layer, compute_architecture, pad_mlp, padded_intermediate,
+    build_float_layer, build_quantized_layer, compute_architecture, load_float, pad_mlp, padded_intermediate,
+    quantized_linear, set_submodule,
 )
 from quantizer.layer_inputs import LayerInputs, layer_output
 from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
+from quantizer.passes import Pass, expert_of, layer_passes, pass_stop
 from quantizer.result import QuantResult
 from quantizer.solvers import LocalSolver, Solver, SolveJob, split_rows
 
@@ -42,6 +44,8 @@ class LayerReport:
     expert_tokens: list[int] = field(default_factory=list)  # MoE: calibration tokens routed to each expert
     hessian_tokens: dict[str, int] = field(default_factory=dict)  # MoE: tokens in each expert unit's Hessian
     expert_fallbacks: dict[str, str] = field(default_factory=dict)  # MoE: unit → fallback used and why
+    experts_per_chunk: int = 0  # MoE: experts whose float weights were held at once
+    chunk_seconds: list[float] = field(default_factory=list)  # MoE: wall of each expert chunk (load, capture, solve)
     seconds: float = 0.0
     resumed: bool = False
     started: float = 0.0  # wall-clock (time.time()) start and end, for timelines across stages
@@ -68,6 +72,16 @@ class LayerStore(Protocol):
     def save(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None: ...
 
 
+@dataclass
+class BlockInputs:
+    """The inputs of a sparse layer's experts block (`block`, the module holding the experts), per calibration
+    batch, recorded by the first pass over the experts. Later passes over other chunks of experts run the block
+    alone on them instead of the whole layer: what precedes the block is settled by then, so each expert sees
+    the same inputs, to the bit."""
+    block: str
+    calls: list[tuple[tuple, dict]] | None = None  # per batch: the block's (args, kwargs)
+
+
 class _StopForward(Exception):
     """Raised from a capture hook once the last needed input was seen: the rest of the layer is skipped."""
 
@@ -81,7 +95,7 @@ def output_dtype(source: torch.dtype) -> torch.dtype:
     return source if source in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def _names(groups: list[tuple[Unit, ...]]) -> str:
+def _names(groups: tuple[tuple[Unit, ...], ...]) -> str:
     """"q_proj+k_proj+v_proj, o_proj" or, for a sparse layer's expert group, "8 × gate_proj+up_proj"."""
     def unit(u: Unit) -> str:
         return "+".join(name.rpartition(".")[2] for name in u)
@@ -134,14 +148,26 @@ class StageEngine:
             call = self.inputs(chunk.mask, upto=index)[index]
             return layer_output(call.run(layer, hidden))
 
+    def _run_block(self, layer: nn.Module, block: str, chunk: ActivationChunk, args: tuple, kwargs: dict) -> None:
+        """The experts block alone, on its recorded inputs for `chunk` (see BlockInputs)."""
+        self._mask = chunk.mask
+        for experts in _experts(layer):
+            experts.token_mask = chunk.mask
+        with torch.inference_mode():
+            layer.get_submodule(block)(*args, **kwargs)
+
     def forward_layer(self, layer: nn.Module, index: int, chunk: ActivationChunk) -> ActivationChunk:
         return ActivationChunk(self._run(layer, index, chunk), chunk.mask)
 
-    def float_layer(self, index: int) -> nn.Module:
-        state = self.reader.layer_state(index)
+    def float_layer(self, index: int, streamed: bool = False) -> nn.Module:
+        """Layer `index` in float; `streamed`: its experts' weights are left out (on the meta device), loaded a
+        chunk at a time by LayerWork."""
+        spec = self.arch.spec(index)
+        absent = (lambda name: expert_of(name, spec) is not None) if streamed else None
+        state = self.reader.layer_state(index, None if absent is None else lambda name: not absent(name))
         if self.arch is not self.reader.arch and not self.arch.is_sparse(index):
             state = pad_mlp(state, self.intermediate)
-        return build_float_layer(self.arch, index, state, self.dtype, self.device)
+        return build_float_layer(self.arch, index, state, self.dtype, self.device, absent)
 
     # ---- quantization -----------------------------------------------------------------------------
     def quantize(self, inputs: list[Any]) -> Iterator[LayerReport | StagePhase]:
@@ -176,23 +202,28 @@ class StageEngine:
                         ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
         yield StagePhase(index, "loading float weights")
         work = LayerWork(self, index, report)
-        for pass_groups in work.passes:
-            yield StagePhase(index, f"calibration forward ({len(handles)} batches) for {_names(pass_groups)}")
-            accs = work.capture(pass_groups, handles)
-            for group in pass_groups:
-                yield StagePhase(index, f"solving {_names([group])}")
+        for step in work.passes:
+            start = time.perf_counter()
+            where = work.describe(step)
+            yield StagePhase(index, f"{where}calibration forward ({len(handles)} batches) for {_names(step.groups)}")
+            accs = work.capture(step, handles)
+            for group in step.groups:
+                yield StagePhase(index, f"{where}solving {_names((group,))}")
                 for name, result in self._solve_group(work.layer, group, accs, report):
                     work.apply(name, result)
+            work.timed(step, time.perf_counter() - start)
         return work.finish()
 
-    def _capture(self, layer: nn.Module, index: int, groups: list[tuple[Unit, ...]], handles: list[Any],
-                 expert_tokens: list[int] | None = None) -> dict[Unit, HessianAccumulator]:
+    def _capture(self, layer: nn.Module, index: int, groups: tuple[tuple[Unit, ...], ...], handles: list[Any],
+                 expert_tokens: list[int] | None = None, replay: BlockInputs | None = None
+                 ) -> dict[Unit, HessianAccumulator]:
         """One pass over all batches, accumulating the input Hessian of each unit. An expert calibrated on
         every token has, for gate/up, the experts' input: one accumulator serves all such experts; for
         down_proj, the expert runs on every token. moe_calibration "auto" decides per expert from its routed
         tokens (`expert_tokens`, counted in an earlier pass; for gate/up, this pass's own count): every token
         when they are fewer than the projection's inputs. The pass stops once the last unit's inputs are
-        seen (after the experts when that unit is one of theirs)."""
+        seen (after the experts when that unit is one of theirs). With `replay`, the pass records the experts
+        block's inputs (first time) or runs the block alone on the recorded ones."""
         spec = self.arch.spec(index)
         accs: dict[Unit, HessianAccumulator] = {}
         shared: HessianAccumulator | None = None
@@ -225,7 +256,7 @@ class StageEngine:
         def stop(*_):
             raise _StopForward
 
-        where, kind = spec.stops[spec.groups.index(groups[-1])]
+        where, kind = pass_stop(spec, groups)
         stop_at = layer.get_submodule(where)
         hooks.append(stop_at.register_forward_hook(stop) if kind == "post" else stop_at.register_forward_pre_hook(stop))
         down_units = [u for g in groups for u in g if _in_experts(u, spec) and not _expert_input_unit(u, spec)]
@@ -237,15 +268,27 @@ class StageEngine:
                 block.every_token = frozenset(e for e, n in enumerate(expert_tokens) if n < block.width)
             if block.every_token and block.scaled_input:  # Llama 4: the experts' input is router-scaled
                 hooks.append(_hook_experts_input(layer, spec.experts[0], None))
+        calls: list[tuple[tuple, dict]] = []
+        if replay is not None and replay.calls is None:
+            hooks.append(layer.get_submodule(replay.block).register_forward_pre_hook(
+                lambda _m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True))
         self._tokens = 0  # real tokens in this pass: what an expert's Hessian share is measured against
         try:
-            for h in handles:
+            for k, h in enumerate(handles):
                 chunk = self.store.get(h)
                 self._tokens += int(chunk.mask.sum())
                 try:
-                    self._run(layer, index, chunk)
+                    if replay is not None and replay.calls is not None:
+                        self._run_block(layer, replay.block, chunk, *replay.calls[k])
+                    else:
+                        self._run(layer, index, chunk)
                 except _StopForward:
                     pass
+            if replay is not None and replay.calls is None:
+                if len(calls) != len(handles):
+                    raise RuntimeError(f"layer {index}: the experts block {replay.block} ran {len(calls)} times on "
+                                       f"{len(handles)} batches")
+                replay.calls = calls
         finally:
             for hook_handle in hooks:
                 hook_handle.remove()
@@ -316,23 +359,70 @@ class LayerWork:
 
     def __init__(self, engine: StageEngine, index: int, report: LayerReport) -> None:
         self.engine, self.index, self.report = engine, index, report
-        self.layer = engine.float_layer(index)
         self.spec = engine.arch.spec(index)
-        groups = self.spec.groups
-        self.passes = [[g] for g in groups] if engine.qcfg.true_sequential else [list(groups)]
+        self.layer = engine.float_layer(index, streamed=self.spec.sparse)
+        self.num_experts = engine.arch.num_experts(index)
+        self.passes = layer_passes(self.spec, self.num_experts, engine.qcfg.experts_per_chunk,
+                                   engine.qcfg.true_sequential)
+        start_chunks(report, self.passes)
+        self.floating: set[int] = set()  # experts whose float weights are loaded
+        self.counted_before: dict[int, bool] = {}  # pass step → routed counts were known at the first chunk's pass
+        blocks = {name.rpartition(".")[0] for name in self.spec.experts}
+        self.block_inputs = BlockInputs(blocks.pop()) if len(blocks) == 1 and len(self.passes) > 1 else None
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def capture(self, pass_groups: list[tuple[Unit, ...]], handles: list[Any], settle: bool = True
-                ) -> dict[Unit, HessianAccumulator]:
+    def describe(self, step: Pass) -> str:
+        """"experts 32-63 of 256: " for a pass over a chunk of the experts ("" otherwise)."""
+        if step.experts is None or len(step.experts) == self.num_experts:
+            return ""
+        return f"experts {step.experts.start}-{step.experts.stop - 1} of {self.num_experts}: "
+
+    def timed(self, step: Pass, seconds: float) -> None:
+        if step.chunk is not None:
+            self.report.chunk_seconds[step.chunk] += seconds
+
+    def hold_experts(self, experts: range) -> None:
+        """Float weights for `experts` (read from disk), and none for the others: experts whose every unit is
+        solved become QuantLinear modules of their packed tensors (later passes and forwards still run them)."""
+        for e in sorted(self.floating - set(experts)):
+            for name in self.spec.linears:
+                if expert_of(name, self.spec) == e:
+                    set_submodule(self.layer, name, quantized_linear(self.tensors, name, self.engine.qcfg,
+                                                                     self.engine.dtype, self.engine.device))
+            self.floating.discard(e)
+        quantized = {expert_of(name, self.spec) for name in self.spec.linears if f"{name}.qweight" in self.tensors}
+        need = set(experts) - self.floating - quantized
+        if not need:
+            return
+        state = self.engine.reader.layer_state(self.index, lambda name: expert_of(name, self.spec) in need)
+        for block in self.spec.experts:
+            for e in sorted(need):
+                prefix = f"{block}.{e}."
+                own = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+                load_float(self.layer.get_submodule(prefix[:-1]), own, self.engine.dtype, self.engine.device)
+        self.floating |= need
+
+    def capture(self, step: Pass, handles: list[Any], settle: bool = True) -> dict[Unit, HessianAccumulator]:
         """The pass's Hessians over `handles`; the first pass through a sparse block counts routed tokens.
         With `settle=False` (a data-parallel worker, which holds a share of the calibration) the auto
         calibration's choice for gate/up is left to `settle`, made on the counts of the whole calibration."""
+        expert_tokens = self.report.expert_tokens
+        if step.experts is not None:
+            self.hold_experts(step.experts)
+            # every chunk decides as the first chunk did (moe_calibration auto: before the routed tokens are
+            # counted, down_proj takes every token), so chunked = unchunked
+            known = self.counted_before.setdefault(step.step, bool(expert_tokens))
+            expert_tokens = expert_tokens if known else []
+        pass_groups = step.groups
         experts = _experts(self.layer)
         counting = bool(experts) and not self.report.expert_tokens and any(
             _in_experts(u, self.spec) for g in pass_groups for u in g)
         if counting:
             experts[0].routed_tokens = None
-        accs = self.engine._capture(self.layer, self.index, pass_groups, handles, self.report.expert_tokens)
+        inside = self.block_inputs is not None and step.experts is not None and all(
+            u[0].startswith(self.block_inputs.block + ".") for g in pass_groups for u in g)
+        accs = self.engine._capture(self.layer, self.index, pass_groups, handles, expert_tokens,
+                                    self.block_inputs if inside else None)
         if counting:
             routed = experts[0].routed_tokens
             self.report.expert_tokens = [int(t) for t in (routed if routed is not None
@@ -385,6 +475,14 @@ class LayerWork:
             self.tensors[name] = tensor.detach().to(dtype)
         log.debug("layer %d quantized: loss %.4g", self.index, self.report.loss)
         return {k: v.contiguous().cpu() for k, v in self.tensors.items()}
+
+
+def start_chunks(report: LayerReport, passes: list[Pass]) -> None:
+    """The report's chunk size and one chunk_seconds slot per expert chunk of `passes` (a sparse layer)."""
+    chunks = {step.experts for step in passes if step.experts is not None}
+    if chunks:
+        report.experts_per_chunk = max(len(r) for r in chunks)
+        report.chunk_seconds = [0.0] * len(chunks)
 
 
 def _experts(layer: nn.Module) -> list[ExpertList]:

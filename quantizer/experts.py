@@ -13,6 +13,7 @@ Two call conventions exist:
 - scaled input (Llama 4): `forward(routed_in [E·N, H])`, expert e's rows already multiplied by its router score
   (zero for tokens not routed to it); outputs unweighted.
 
+Experts whose weights are not loaded (a sparse layer's experts are streamed a chunk at a time) are skipped.
 While calibrating, the engine sets `token_mask` (real tokens of the batch; padding reaches no expert), reads
 `routed_tokens`, and may run experts on every real token (`every_token`) so their Hessians see the whole block
 input while the block's output still follows the router.
@@ -84,6 +85,11 @@ class ExpertList(nn.Module):
     def expert(self, e: int) -> Expert:
         return self._modules[str(e)]
 
+    def loaded(self, e: int) -> bool:
+        """Expert e has its weights (streamed experts not loaded yet stay on the meta device and are skipped:
+        their outputs are not needed while other experts are calibrated)."""
+        return not any(t.is_meta for t in self.expert(e).state_dict(keep_vars=True).values())
+
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x: [n, H] → [n, H] through expert e, gated as the family gates (its `_apply_gate`)."""
         expert = self.expert(e)
@@ -136,7 +142,7 @@ class ExpertList(nn.Module):
         self._count(hits)
         everything = real if real is not None else torch.arange(hidden.shape[0], device=hidden.device)
         for e in range(self.num_experts):
-            if hits[e] == 0 and e not in self.every_token:
+            if (hits[e] == 0 and e not in self.every_token) or not self.loaded(e):
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
             if e in self.every_token:  # its Hessians see every real token; the output keeps the routed ones
@@ -166,6 +172,8 @@ class ExpertList(nn.Module):
         hits = routed.sum(dim=1)
         self._count(hits)
         for e in range(self.num_experts):
+            if not self.loaded(e):
+                continue
             if e in self.every_token and self.block_tokens is not None:
                 self.run_expert(e, self.block_tokens)  # Hessians only: the output follows the router
             rows = routed[e].nonzero().squeeze(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -75,20 +76,43 @@ def _buffer_dtypes(layer: nn.Module) -> dict[str, torch.dtype]:
 
 
 def build_float_layer(arch: Architecture, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                      device: torch.device) -> nn.Module:
-    """Decoder layer `index` from its float tensors (taken out of `state`), without random init."""
+                      device: torch.device, absent: Callable[[str], bool] | None = None) -> nn.Module:
+    """Decoder layer `index` from its float tensors (taken out of `state`), without random init. Tensors that
+    `absent` accepts may be missing: they stay on the meta device until `load_float` fills them (streamed experts)."""
     layer = arch.empty_layer(index)
-    buffers = _buffer_dtypes(layer)
-    # tensor by tensor, dropping each source as it is converted: a bf16 layer computed in fp32 (CPU) then
-    # peaks at its fp32 size, not fp32 + bf16 (15 GB instead of 10 GB for a Qwen3-235B-A22B layer)
-    converted = {k: state.pop(k).to(device=device, dtype=buffers.get(k, dtype)) for k in list(state)}
-    layer.load_state_dict(converted, strict=True, assign=True)
+    load_float(layer, state, dtype, device)
+    missing = [name for name, t in layer.state_dict(keep_vars=True).items()
+               if t.is_meta and not (absent and absent(name))]
+    if missing:
+        raise ValueError(f"layer {index} is missing tensors {missing[:5]}")
     return layer.eval()
+
+
+def load_float(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Assign float tensors (names relative to `module`, taken out of `state`) in the compute dtype; persistent
+    buffers keep their declared dtype. Tensor by tensor, dropping each source as it is converted: a bf16 layer
+    computed in fp32 (CPU) then peaks at its fp32 size, not fp32 + bf16."""
+    buffers = _buffer_dtypes(module)
+    converted = {k: state.pop(k).to(device=device, dtype=buffers.get(k, dtype)) for k in list(state)}
+    unexpected = module.load_state_dict(converted, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise ValueError(f"unexpected tensors {unexpected[:5]}")
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def quantized_linear(tensors: dict[str, torch.Tensor], name: str, qcfg: QuantConfig, dtype: torch.dtype,
+                     device: torch.device) -> QuantLinear:
+    """The QuantLinear of projection `name` from its GPTQ tensors (`name.qweight`, …, optional `name.bias`)."""
+    packed = PackedLinear(*(tensors[f"{name}.{k}"].to(device) for k in ("qweight", "qzeros", "scales", "g_idx")),
+                          bits=qcfg.bits)
+    bias = tensors.get(f"{name}.bias")
+    quantized = QuantLinear.from_packed(packed, qcfg.group_size, None if bias is None else bias.to(device))
+    quantized.compute_dtype = dtype
+    return quantized
 
 
 def build_quantized_layer(arch: Architecture, index: int, tensors: dict[str, torch.Tensor], qcfg: QuantConfig,
@@ -98,13 +122,7 @@ def build_quantized_layer(arch: Architecture, index: int, tensors: dict[str, tor
     buffers = _buffer_dtypes(layer)
     linears = arch.linear_names(index)
     for name in linears:
-        packed = PackedLinear(*(tensors[f"{name}.{k}"].to(device) for k in ("qweight", "qzeros", "scales", "g_idx")),
-                              bits=qcfg.bits)
-        bias = tensors.get(f"{name}.bias")
-        bias = None if bias is None else bias.to(device)
-        quantized = QuantLinear.from_packed(packed, qcfg.group_size, bias)
-        quantized.compute_dtype = dtype
-        set_submodule(layer, name, quantized)
+        set_submodule(layer, name, quantized_linear(tensors, name, qcfg, dtype, device))
     rest = {k: v.to(device=device, dtype=buffers.get(k, dtype)) for k, v in tensors.items()
             if k.rpartition(".")[0] not in linears}
     layer.load_state_dict(rest, strict=False, assign=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -13,12 +14,14 @@ from transformers import PretrainedConfig
 
 from quantizer.decoder import Architecture, load_config
 from quantizer.errors import ConfigError
+from quantizer.fp8 import DEQUANTIZED, FP8_DTYPES, BlockFP8, block_size, dequantize, pair_scales
 from quantizer.sources import LocalSource, ModelSource
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 2, "F8_E5M2": 2}  # FP8 weights are loaded dequantized to bf16
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,12 @@ class TensorInfo:
 
     @property
     def dtype_torch(self) -> torch.dtype:
-        return _TORCH_DTYPES.get(self.dtype, torch.float32)
+        """The dtype the tensor has once loaded (an FP8 weight: bf16, dequantized)."""
+        return DEQUANTIZED if self.dtype in FP8_DTYPES else _TORCH_DTYPES.get(self.dtype, torch.float32)
 
     @property
     def nbytes(self) -> int:
+        """Bytes once loaded (an FP8 weight: its bf16 size)."""
         n = 1
         for d in self.shape:
             n *= d
@@ -46,9 +51,8 @@ QUANTIZED_SOURCES = {
     "compressed-tensors": "it is a compressed-tensors checkpoint; quantize the float (bf16/fp16) release instead",
     "mxfp4": "its experts are MXFP4; use the bf16 release (e.g. unsloth/gpt-oss-*-BF16), or load it in transformers "
              "with Mxfp4Config(dequantize=True) and save_pretrained a bf16 copy",
-    "fp8": "it is an FP8 checkpoint, which this version does not read; use its bf16 release, or dequantize it with "
-           "transformers (FineGrainedFP8Config(dequantize=True)) and save_pretrained a bf16 copy",
 }
+BLOCK_FP8 = "fp8"  # read directly: weights dequantized as they are loaded (quantizer/fp8.py)
 
 
 @dataclass
@@ -60,6 +64,7 @@ class CheckpointReader:
     config: PretrainedConfig = field(init=False)
     arch: Architecture = field(init=False)
     tensors: dict[str, TensorInfo] = field(init=False)
+    fp8: BlockFP8 | None = field(init=False, default=None)  # an FP8 block-scaled source: weight → scale names
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, ModelSource):
@@ -73,12 +78,20 @@ class CheckpointReader:
                 "rayquant quantizes decoder-only causal LMs"
             )
         quantized = getattr(self.config, "quantization_config", None)
-        if quantized:
-            method = (quantized if isinstance(quantized, dict) else quantized.to_dict()).get("quant_method", "?")
+        qdict = (quantized if isinstance(quantized, dict) else quantized.to_dict()) if quantized else {}
+        method = qdict.get("quant_method", "?") if quantized else None
+        if quantized and method != BLOCK_FP8:
             why = QUANTIZED_SOURCES.get(str(method), "quantize the float (bf16/fp16) release of the model instead")
             raise ConfigError(f"{where} is already quantized (quant_method {method}): {why}")
-        self.tensors = {key: TensorInfo(shard, shape, dtype) for shard in self.source.shard_files()
-                        for key, (shape, dtype) in self.source.header(shard).items()}
+        header = {key: (shape, dtype, shard) for shard in self.source.shard_files()
+                  for key, (shape, dtype) in self.source.header(shard).items()}
+        if method == BLOCK_FP8:  # the model is built as the bf16 model it stands for
+            self.fp8 = pair_scales({k: v[:2] for k, v in header.items()}, block_size(qdict, where), where)
+            del self.config.quantization_config
+            self._scale_info = {s: TensorInfo(header[s][2], header[s][0], header[s][1])
+                                for s in self.fp8.scales.values()}
+            header = {k: v for k, v in header.items() if k not in self._scale_info}
+        self.tensors = {key: TensorInfo(shard, shape, dtype) for key, (shape, dtype, shard) in header.items()}
         self.arch = Architecture(self.config, self.tensors)
         self._by_layer: dict[int, list[str]] = {}  # layer index → disk names (layers past the model's too)
         prefix = self.arch.layers_prefix + "."
@@ -140,12 +153,16 @@ class CheckpointReader:
         return sum(self.tensors[n].nbytes for n in names)
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Load only the named tensors (disk names), opening each shard once."""
+        """Load only the named tensors (disk names), opening each shard once; FP8 weights come dequantized."""
         by_file: dict[str, list[str]] = {}
+        scales = {}
         for n in names:
             if n not in self.tensors:
                 raise ConfigError(f"tensor {n} is missing from {self.source.description}; the checkpoint is incomplete")
             by_file.setdefault(self.tensors[n].file, []).append(n)
+            if self.fp8 is not None and n in self.fp8.scales:
+                scales[n] = self.fp8.scales[n]
+                by_file.setdefault(self._scale_info[scales[n]].file, []).append(scales[n])
         out: dict[str, torch.Tensor] = {}
         for file, keys in by_file.items():
             try:
@@ -156,6 +173,8 @@ class CheckpointReader:
                 raise
             except Exception as exc:
                 raise ConfigError(f"could not read {keys[0]} from {self.source.description}/{file}: {exc}") from exc
+        for weight, scale in scales.items():
+            out[weight] = dequantize(weight, out[weight], out.pop(scale), self.fp8.block)
         return out
 
     def load_modules(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -172,11 +191,19 @@ class CheckpointReader:
                 out[module] = tensor
         return out
 
-    def layer_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer `index`'s float tensors, named as in its modules (relative to the layer; experts per expert)."""
+    def layer_state(self, index: int, wanted: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Layer `index`'s float tensors, named as in its modules (relative to the layer; experts per expert).
+        `wanted`: only the tensors whose relative name it accepts; the others are not read from disk, except
+        experts stored fused (one tensor for all experts: read whole, then cut)."""
         prefix = self.arch.layer_prefix(index) + "."
-        state = {k[len(prefix):]: v for k, v in self.load_modules(self.layer_tensor_names(index)).items()}
-        return self.arch.split_fused(index, state)
+        names = self.layer_tensor_names(index)
+        if wanted is not None:
+            fused = set(self.arch.spec(index).experts)
+            relative = {n: self.arch.names.to_module[n][len(prefix):] for n in names}
+            names = [n for n in names if wanted(relative[n]) or relative[n].rpartition(".")[0] in fused]
+        state = {k[len(prefix):]: v for k, v in self.load_modules(names).items()}
+        state = self.arch.split_fused(index, state)
+        return state if wanted is None else {k: v for k, v in state.items() if wanted(k)}
 
     def embedding_info(self) -> TensorInfo:
         return self.tensors[self.arch.names.disk_name(self.arch.embed + ".weight")]

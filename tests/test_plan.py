@@ -91,3 +91,32 @@ def test_qwen3_235b_a22b_plans_on_8_gpus(tmp_path, capsys):
                  "--gpus-per-stage", "1"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("plan: 8 stage(s)") and "stage 7: layers 82-93" in printed
+
+
+@pytest.mark.parametrize("name,heads,experts,vocab", [("deepseek_v3", 128, 256, 129280), ("kimi_k2", 64, 384, 163840)])
+def test_671b_and_1t_fp8_releases_plan_within_an_h100(tmp_path, capsys, name, heads, experts, vocab):
+    """DeepSeek-V3 and Kimi-K2 in their FP8 release layout (header only, real shapes, the MTP layer past
+    layer 60): 8 data-parallel workers of 76 GB each hold one chunk of experts at a time, within the GPU and
+    within 64 GB of host RAM."""
+    from rayquant.cli import main
+    from tests.synthetic_checkpoint import DEEPSEEK_V3, KIMI_K2, write_family_checkpoint
+
+    model = write_family_checkpoint(tmp_path / name, {"deepseek_v3": DEEPSEEK_V3, "kimi_k2": KIMI_K2}[name])
+    reader = CheckpointReader(model)
+    sparse = next(i for i in range(reader.num_layers) if reader.arch.is_sparse(i))
+    shapes = reader.linear_shapes(sparse)
+    assert reader.fp8 is not None and reader.fp8.block == (128, 128) and reader.num_layers == 61
+    assert reader.arch.num_experts(sparse) == experts and reader.config.vocab_size == vocab
+    assert shapes["mlp.experts.0.gate_proj"] == (2048, 7168) and shapes["mlp.shared_experts.down_proj"] == (7168, 2048)
+    assert shapes["self_attn.q_b_proj"] == (heads * 192, 1536) and shapes["self_attn.kv_a_proj_with_mqa"] == (576, 7168)
+    assert all(n.startswith("model.layers.61.") for n in reader.skipped_tensors())
+    one_layer = reader.layer_bytes(sparse)  # as loaded: bf16, larger than any worker should hold in fp32
+    assert one_layer > experts * 3 * 2048 * 7168 * 2
+    assert main(["plan", "--model", str(model), "--schedule", "data_parallel", "--workers", "8", "--gpus-per-stage",
+                 "1", "--memory-per-stage-gb", "76", "--num-samples", "128", "--max-len", "2048"]) == 0
+    printed = capsys.readouterr().out
+    total = float(printed.split(" = ")[1].split(" GB")[0])
+    chunk = int(printed.split("experts: ")[1].split(" of ")[0])
+    host = float(printed.split("host RAM per worker: about ")[1].split(" GB")[0])
+    assert total <= 76 and host <= 64 and 1 <= chunk < experts, printed
+    assert "61 layers: about" in printed
