@@ -198,8 +198,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     calibration_tokens = job.calibration.num_samples * job.calibration.max_len
     estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate, calibration_tokens, workers,
                                job.quant.bits, flops, args.link_gbps * 1e9,
-                               experts_see_every_token(reader, job.quant.moe_calibration, calibration_tokens),
-                               job.quant.experts_per_chunk)
+                               experts_see_every_token(reader, job.quant.moe_calibration, calibration_tokens))
     if schedule == "data_parallel":
         print(describe_phases(estimate, reader.num_layers, workers, flops, args.link_gbps * 1e9,
                               job.resources.resolved_transport))

@@ -176,13 +176,13 @@ class DataParallelWorker:
     def finish_layer(self, report: LayerReport | None) -> dict[str, float]:
         """Push this worker's batches through the quantized layer; with `report` (one worker does this), also
         checkpoint the layer. Returns the forward seconds."""
-        tensors = self.work.finish()
+        index, tensors = self.work.index, self.work.finish()
+        self.work = None  # the float layer goes before the quantized one is built
         if report is not None:
             report.peak_rss_mb = peak_rss_mb()
-            self.layer_store.save(self.work.index, tensors, report)
+            self.layer_store.save(index, tensors, report)
         start = time.perf_counter()
-        self._forward(self.work.index, tensors)
-        self.work = None
+        self._forward(index, tensors)
         return {"forward_s": time.perf_counter() - start}
 
     def _forward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:

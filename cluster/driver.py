@@ -120,7 +120,9 @@ def job_sizes(reader: CheckpointReader, job: JobConfig, intermediate: int, token
                        compute_bytes=None if job.resources.gpus_per_stage else 4,
                        pipelined=job.resolved_schedule == "pipelined",
                        all_experts=job.quant.moe_calibration == "all",
-                       chunk=chunk, bits=job.quant.bits)
+                       chunk=chunk, bits=job.quant.bits, held_tokens=job.calibration.num_samples *
+                       job.calibration.max_len // (job.resources.workers if job.resolved_schedule == "data_parallel"
+                                                   else 1))
 
 
 def experts_line(reader: CheckpointReader, job: JobConfig) -> str:

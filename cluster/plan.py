@@ -132,10 +132,12 @@ def expert_bytes(reader: CheckpointReader, index: int) -> tuple[int, int]:
 
 def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, intermediate: int,
                 compute_bytes: int | None = None, pipelined: bool = False, all_experts: bool = True,
-                chunk: int = 0, bits: int = 4) -> ModelSizes:
+                chunk: int = 0, bits: int = 4, held_tokens: int = 0) -> ModelSizes:
     """Sizes for planning. compute_bytes: bytes per weight in the stage's compute dtype (4 on CPU; None =
     the checkpoint's); pipelined: stages keep their float layers; chunk: experts of a sparse layer held in
-    float at once (0: all) — the finished ones are held packed (`bits` per weight and an fp16 scale per 128).
+    float at once (0: all) — the finished ones are held packed (`bits` per weight and an fp16 scale per 128) —
+    and, while its experts are streamed, the experts block's inputs for the `held_tokens` calibration tokens the
+    stage holds.
     Activations: `inflight` batches in and out and one MLP-wide intermediate, fp32; a sparse layer adds the
     routed-token buffers (the block's input and output, one expert's intermediate)."""
     arch = reader.arch
@@ -152,8 +154,9 @@ def model_sizes(reader: CheckpointReader, tokens_per_batch: int, inflight: int, 
         one, _ = expert_bytes(reader, i)
         experts = reader.arch.num_experts(i)
         held.append(reader.layer_bytes(i) - one * (experts - (min(chunk, experts) if chunk > 0 else experts)))
-    if sparse_layers:  # the experts already solved, packed
+    if sparse_layers:  # the experts already solved, packed; the recorded inputs of the experts block
         workspace += int(expert_bytes(reader, sparse_layers[0])[1] * (bits / 8 + 2 / 128))
+        workspace += held_tokens * hidden * (compute_bytes or reader.embedding_info().dtype_torch.itemsize)
     head = reader.head_names()
     checkpoint_bytes = reader.embedding_info().dtype_torch.itemsize
     return ModelSizes(
@@ -280,16 +283,15 @@ class PhaseEstimate:
 
 
 def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tokens: int, workers: int, bits: int,
-                    worker_flops: float, link_bytes_per_s: float, all_experts: bool = True, chunk: int = 0
-                    ) -> PhaseEstimate:
+                    worker_flops: float, link_bytes_per_s: float, all_experts: bool = True) -> PhaseEstimate:
     """Per-phase seconds of layer `index` under the data-parallel schedule on `workers` workers of
     `worker_flops` FLOP/s each, joined by links of `link_bytes_per_s`; `tokens` calibration tokens in all.
     Forward: the capture passes (each runs the layer up to its units: half a layer on average) and the
     output forward, 2 FLOPs per weight and token, every expert in a sparse layer's down_proj pass when all
     experts are calibrated on every token; Hessians: 2·in² per token and unit; solves: 2·rows·in² + in³ per
     unit, spread over the workers largest first; reduce: W − 1 partial Hessians per unit to its owner;
-    broadcast: the packed weights to the W − 1 other workers. Experts streamed `chunk` at a time add, per further
-    chunk, the layer's non-expert part once more in each of the experts' passes."""
+    broadcast: the packed weights to the W − 1 other workers. Experts streamed `chunk` at a time add next to
+    nothing: later chunks run the experts block alone on its recorded inputs, only the chunk's experts."""
     arch, config = reader.arch, reader.config
     groups = layer_groups(reader, index, intermediate, all_experts)
     weights = sum(r * i for units, _ in groups for r, i in units)
@@ -302,8 +304,6 @@ def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tok
         dense = weights - expert_weights
         routed = expert_weights * top_k / experts
         forward_flops = 2 * tokens * (dense * (passes / 2 + 1) + routed * 3 + (expert_weights if all_experts else 0))
-        chunks = -(-experts // chunk) if 0 < chunk < experts else 1
-        forward_flops += 2 * tokens * dense * 2 * (chunks - 1)
     hessian_flops = sum(2 * i * i * tokens * shared for units, shared in groups for _, i in units[:1])
     solve_costs = sorted((2 * r * i * i + i**3 for units, _ in groups for r, i in units), reverse=True)
     loads = [0.0] * workers

@@ -388,7 +388,8 @@ class LayerWork:
             for name in self.spec.linears:
                 if expert_of(name, self.spec) == e:
                     set_submodule(self.layer, name, quantized_linear(self.tensors, name, self.engine.qcfg,
-                                                                     self.engine.dtype, self.engine.device))
+                                                                     self.engine.dtype, self.engine.device,
+                                                                     cache_weight=False))
             self.floating.discard(e)
         quantized = {expert_of(name, self.spec) for name in self.spec.linears if f"{name}.qweight" in self.tensors}
         need = set(experts) - self.floating - quantized
@@ -421,8 +422,17 @@ class LayerWork:
             experts[0].routed_tokens = None
         inside = self.block_inputs is not None and step.experts is not None and all(
             u[0].startswith(self.block_inputs.block + ".") for g in pass_groups for u in g)
-        accs = self.engine._capture(self.layer, self.index, pass_groups, handles, expert_tokens,
-                                    self.block_inputs if inside else None)
+        if step.experts is not None:  # only the chunk's experts run: the pass reads nothing past the experts
+            for block in experts:
+                block.active = frozenset(step.experts)
+        try:
+            accs = self.engine._capture(self.layer, self.index, pass_groups, handles, expert_tokens,
+                                        self.block_inputs if inside else None)
+        finally:
+            for block in experts:
+                block.active = None
+        if not any(p.experts is not None for p in self.passes[self.passes.index(step) + 1:]):
+            self.block_inputs = None  # the last pass over the experts: their recorded inputs are done with
         if counting:
             routed = experts[0].routed_tokens
             self.report.expert_tokens = [int(t) for t in (routed if routed is not None

@@ -81,13 +81,17 @@ class ExpertList(nn.Module):
         self.routed_tokens: torch.Tensor | None = None  # [E] tokens routed to each expert while calibrating
         self.every_token: frozenset[int] = frozenset()  # experts that also run on every real token (calibration)
         self.block_tokens: torch.Tensor | None = None  # [n, H] the block's real tokens (scaled-input experts)
+        self.active: frozenset[int] | None = None  # experts that run (None: all); a pass over one chunk of experts
 
     def expert(self, e: int) -> Expert:
         return self._modules[str(e)]
 
     def loaded(self, e: int) -> bool:
-        """Expert e has its weights (streamed experts not loaded yet stay on the meta device and are skipped:
-        their outputs are not needed while other experts are calibrated)."""
+        """Expert e runs: it is active (a pass over a chunk of experts runs only the chunk's) and has its weights
+        (streamed experts not read yet stay on the meta device). The others' outputs are not needed while the
+        chunk is calibrated."""
+        if self.active is not None and e not in self.active:
+            return False
         return not any(t.is_meta for t in self.expert(e).state_dict(keep_vars=True).values())
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

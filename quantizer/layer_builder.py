@@ -13,6 +13,7 @@ from quantizer.config import QuantConfig
 from quantizer.decoder import Architecture
 from quantizer.errors import ConfigError
 from quantizer.packing import PackedLinear
+from quantizer.passes import expert_of
 from quantizer.qlinear import QuantLinear
 
 DENSE_MLP_IN = ("mlp.gate_proj", "mlp.up_proj")  # rows padded by pad_intermediate_to
@@ -105,13 +106,16 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantized_linear(tensors: dict[str, torch.Tensor], name: str, qcfg: QuantConfig, dtype: torch.dtype,
-                     device: torch.device) -> QuantLinear:
-    """The QuantLinear of projection `name` from its GPTQ tensors (`name.qweight`, …, optional `name.bias`)."""
+                     device: torch.device, cache_weight: bool = True) -> QuantLinear:
+    """The QuantLinear of projection `name` from its GPTQ tensors (`name.qweight`, …, optional `name.bias`);
+    `cache_weight=False` dequantizes on every call instead of keeping the float weight (experts: a DeepSeek-V3
+    layer's dequantized experts are 45 GB in fp32)."""
     packed = PackedLinear(*(tensors[f"{name}.{k}"].to(device) for k in ("qweight", "qzeros", "scales", "g_idx")),
                           bits=qcfg.bits)
     bias = tensors.get(f"{name}.bias")
     quantized = QuantLinear.from_packed(packed, qcfg.group_size, None if bias is None else bias.to(device))
     quantized.compute_dtype = dtype
+    quantized.cache_weight = cache_weight
     return quantized
 
 
@@ -121,8 +125,10 @@ def build_quantized_layer(arch: Architecture, index: int, tensors: dict[str, tor
     layer = arch.empty_layer(index)
     buffers = _buffer_dtypes(layer)
     linears = arch.linear_names(index)
-    for name in linears:
-        set_submodule(layer, name, quantized_linear(tensors, name, qcfg, dtype, device))
+    spec = arch.spec(index)
+    for name in linears:  # experts dequantize per call: cached, a sparse layer's experts would all be float again
+        set_submodule(layer, name, quantized_linear(tensors, name, qcfg, dtype, device,
+                                                    cache_weight=expert_of(name, spec) is None))
     rest = {k: v.to(device=device, dtype=buffers.get(k, dtype)) for k, v in tensors.items()
             if k.rpartition(".")[0] not in linears}
     layer.load_state_dict(rest, strict=False, assign=True)

@@ -97,20 +97,32 @@ def test_experts_streamed_in_chunks_give_the_same_bits(moe_families, family, qua
 
 def test_a_worker_holds_at_most_one_chunk_of_float_experts(moe_families, monkeypatch):
     """While a sparse layer is quantized, no more than experts_per_chunk experts have float weights: the others
-    are not read yet (meta) or are already packed (QuantLinear)."""
+    are not read yet (meta) or are packed (QuantLinear, which keeps no dequantized copy), before and after each
+    pass, and in the quantized layer's forward."""
     from quantizer.experts import ExpertList
+    from quantizer.qlinear import QuantLinear
 
     seen: list[int] = []
-    hold = LayerWork.hold_experts
+    capture = LayerWork.capture
 
-    def counting(self, experts):
-        hold(self, experts)
-        for block in self.layer.modules():
-            if isinstance(block, ExpertList):
-                seen.append(sum(isinstance(block.expert(e).down_proj, torch.nn.Linear) and block.loaded(e)
-                                for e in range(block.num_experts)))
+    def floats(layer) -> int:
+        count = 0
+        for block in (m for m in layer.modules() if isinstance(m, ExpertList)):
+            for e in range(block.num_experts):
+                down = block.expert(e).down_proj
+                count += (down._weight is not None) if isinstance(down, QuantLinear) else not down.weight.is_meta
+        return count
 
-    monkeypatch.setattr(LayerWork, "hold_experts", counting)
+    def counting(self, step, handles, settle=True):
+        accs = capture(self, step, handles, settle)
+        seen.append(floats(self.layer))
+        return accs
+
+    monkeypatch.setattr(LayerWork, "capture", counting)
+    forward = StageEngine.forward_layer
+    monkeypatch.setattr(StageEngine, "forward_layer",
+                        lambda self, layer, index, chunk: (out := forward(self, layer, index, chunk),
+                                                           seen.append(floats(layer)))[0])
     quantize_layers(moe_families["deepseek_v3"], experts_per_chunk=2)
     assert seen and max(seen) == 2
 
