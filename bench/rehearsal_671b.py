@@ -69,14 +69,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=sorted(SHAPES), default="deepseek_v3")
     parser.add_argument("--work", type=Path, help="scratch dir (default: a temp dir, removed afterwards)")
+    parser.add_argument("--checks-only", action="store_true",
+                        help="only the checks and the results, on the checkpoint an earlier run left in --work")
     parser.add_argument("--memory-gb", type=float, default=18.0,
                         help="the stage's planning budget (default 18: the rest of 24 GiB for Ray and the driver)")
     args = parser.parse_args()
+    if args.checks_only and args.work is None:
+        parser.error("--checks-only needs the --work of an earlier run")
     work = args.work or Path(tempfile.mkdtemp(prefix=f"rehearsal-{args.family}-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         float_dir, out = work / f"{args.family}-fp8-shaped", work / f"{args.family}-shaped-gptq"
-        quantize(float_dir, out, plain_calibration_text(work / "calibration.txt"), args.family, args.memory_gb)
+        if not args.checks_only:
+            quantize(float_dir, out, plain_calibration_text(work / "calibration.txt"), args.family, args.memory_gb)
         report = json.loads((out / "quantize_report.json").read_text())
         loads = finite_logits(out)
         rows = []

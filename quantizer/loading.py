@@ -15,6 +15,7 @@ from quantizer.config import QuantConfig
 from quantizer.decoder import Architecture, load_config
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import set_submodule
+from quantizer.passes import expert_of
 from quantizer.qlinear import QuantLinear
 
 
@@ -56,11 +57,12 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
         state.update({prefix + k: v for k, v in arch.split_fused(i, own).items()})
     model = arch.model  # meta weights; rotary buffers computed for real. Its layers are replaced by ours:
     for i in range(arch.num_layers):
-        layer = arch.empty_layer(i)
-        for name in arch.linear_names(i):
+        layer, spec = arch.empty_layer(i), arch.spec(i)
+        for name in arch.linear_names(i):  # experts dequantize per call: cached, they would all be float again
             old = layer.get_submodule(name)
             set_submodule(layer, name, QuantLinear(qcfg.bits, qcfg.group_size, old.in_features, old.out_features,
-                                                   old.bias is not None, compute_dtype=dtype))
+                                                   old.bias is not None, cache_weight=expert_of(name, spec) is None,
+                                                   compute_dtype=dtype))
         set_submodule(model, arch.layer_prefix(i), layer)
     buffers = {name for name, _ in model.named_buffers()}
     quantized = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}  # scales/bias: fp16

@@ -56,6 +56,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: int32 [n·bits/32, m] → int64 [n, m]."""
+    if 32 % bits == 0:  # 2/4/8 bits: values never straddle words — shift and mask in place
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device).view(1, -1, 1)
+        values = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)  # [words, 32 / bits, m]
+        return values.reshape(-1, packed.shape[1])[:n].to(torch.int64)
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.cat([words, torch.zeros_like(words[:1])])
     offset = torch.arange(n, dtype=torch.int64, device=words.device) * bits
