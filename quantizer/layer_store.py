@@ -10,7 +10,7 @@ import logging
 import re
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
 
 from quantizer.engine import LayerReport
 from quantizer.storage import Location
@@ -34,9 +34,8 @@ class FolderLayerStore:
         return sorted(int(m.group(1)) for n in self.folder.list("layer_") if (m := _NAME.fullmatch(n)))
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None:
-        data = save({k: v.contiguous() for k, v in tensors.items()},
-                    metadata={"report": json.dumps(dataclasses.asdict(report))})
-        self.folder.write_bytes(self.name(index), data)
+        self.folder.write_tensors(self.name(index), {k: v.contiguous() for k, v in tensors.items()},
+                                  {"report": json.dumps(dataclasses.asdict(report))})
 
     def report(self, index: int) -> LayerReport:
         """The report saved with a finished layer, read from the file's header alone."""

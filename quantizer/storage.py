@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save, save_file
+
 from quantizer.errors import ConfigError
 
 
@@ -134,6 +136,18 @@ class Location:
             os.replace(tmp, self.path(name))
         else:
             self.fs.pipe_file(self.path(name), data)
+
+    def write_tensors(self, name: str, tensors: dict, metadata: dict[str, str]) -> None:
+        """A safetensors file, atomically. Local: written straight from the tensors into a temp file, then
+        renamed (no serialized copy in memory: a 671B MoE layer's packed tensors are 6 GB); remote: uploaded."""
+        if not self.is_local:
+            self.write_bytes(name, save(tensors, metadata=metadata))
+            return
+        self.makedirs()
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, self.path(name))
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
