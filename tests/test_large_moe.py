@@ -120,9 +120,13 @@ def test_a_worker_holds_at_most_one_chunk_of_float_experts(moe_families, monkeyp
 
     monkeypatch.setattr(LayerWork, "capture", counting)
     forward = StageEngine.forward_layer
-    monkeypatch.setattr(StageEngine, "forward_layer",
-                        lambda self, layer, index, chunk: (out := forward(self, layer, index, chunk),
-                                                           seen.append(floats(layer)))[0])
+
+    def forward_counting(self, layer, index, chunk):
+        out = forward(self, layer, index, chunk)
+        seen.append(floats(layer))
+        return out
+
+    monkeypatch.setattr(StageEngine, "forward_layer", forward_counting)
     quantize_layers(moe_families["deepseek_v3"], experts_per_chunk=2)
     assert seen and max(seen) == 2
 
