@@ -138,21 +138,23 @@ class StageEngine:
         return ActivationChunk(hidden, batch.mask.to(self.device))
 
     # ---- forward passes ---------------------------------------------------------------------------
+    def _set_mask(self, layer: nn.Module, chunk: ActivationChunk) -> None:
+        """The batch's real tokens, for the Hessian hooks and the experts (which see real tokens only)."""
+        self._mask = chunk.mask
+        for experts in _experts(layer):
+            experts.token_mask = chunk.mask
+
     def _run(self, layer: nn.Module, index: int, chunk: ActivationChunk) -> torch.Tensor:
         """Layer `index` on one batch, with the inputs the model computes for it."""
         hidden = chunk.hidden.to(self.device, self.dtype)
-        self._mask = chunk.mask
-        for experts in _experts(layer):  # experts see real tokens only
-            experts.token_mask = chunk.mask
+        self._set_mask(layer, chunk)
         with torch.inference_mode():
             call = self.inputs(chunk.mask, upto=index)[index]
             return layer_output(call.run(layer, hidden))
 
     def _run_block(self, layer: nn.Module, block: str, chunk: ActivationChunk, args: tuple, kwargs: dict) -> None:
         """The experts block alone, on its recorded inputs for `chunk` (see BlockInputs)."""
-        self._mask = chunk.mask
-        for experts in _experts(layer):
-            experts.token_mask = chunk.mask
+        self._set_mask(layer, chunk)
         with torch.inference_mode():
             layer.get_submodule(block)(*args, **kwargs)
 
