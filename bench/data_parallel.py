@@ -3,7 +3,9 @@
 1. The default job (SmolLM2-135M, configs/default.yaml): 2 workers × 1 thread against one sequential stage
    × 1 thread — wall time and perplexity (32 × 512 tokens) — with each transport (Ray's object store, and
    torch.distributed over gloo: checked to give the same tensors), and two sequential jobs at once: the
-   most two processes get from this machine, the ceiling for any two-worker schedule.
+   most two processes get from this machine, the ceiling for any two-worker schedule (`of_ceiling`: the
+   share of it each schedule reaches; `busy_fraction`: each worker's busy share of the layers' wall time).
+   The timeline of the median layer (each worker's busy spans by phase) goes to data_parallel_timeline.
 2. One Qwen2-7B-shaped layer (hidden 3584, MLP 18944, 28/4 heads; random bf16 weights, 16 × 512 calibration
    tokens) with 1 and 2 workers: the time of each phase (forward, Hessian, reduce, solve, broadcast) and
    the bytes moved per layer. (Qwen2-72B's layer does not fit twice in this machine's 24 GiB: its down_proj
@@ -50,7 +52,14 @@ def phase_row(run: str, report: dict, wall: float) -> dict:
         row.update(dp["totals_s"])
         row["hessian_mb_per_layer"] = dp["bytes_per_layer"]["hessians"] / 2**20
         row["result_mb_per_layer"] = dp["bytes_per_layer"]["results"] / 2**20
+        row["busy_fraction"] = " / ".join(f"{w['busy_fraction']:.2f}" for w in dp["worker_time"])
     return row
+
+
+def timeline_rows(layer: dict) -> list[dict]:
+    """One layer's busy spans, one row per span: worker, phase, start and end (seconds from the layer's start)."""
+    return [{"worker": rank, "phase": phase, "start_s": t0, "end_s": t1}
+            for rank, worker in enumerate(layer["timeline"]["workers"]) for phase, t0, t1 in worker["spans"]]
 
 
 def two_jobs_at_once(tmp: Path, alone_s: float) -> dict:
@@ -100,9 +109,18 @@ def main() -> None:
             row["ppl_change_pct"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
         rows[2]["same_tensors_as_object_store"] = same_tensors(outs[1], outs[2])
         rows.append(two_jobs_at_once(Path(tmp), rows[0]["quantize_s"]))
-        write_results("data_parallel", rows, ["run", "quantize_s", "layers_s", "speedup", "perplexity",
-                                              "ppl_change_pct", "forward_s", "hessian_s", "reduce_s", "solve_s",
-                                              "broadcast_s", "hessian_mb_per_layer", "result_mb_per_layer",
+        for row in rows[1:3]:  # the share of the two-process ceiling each two-worker schedule reaches
+            row["of_ceiling"] = row["speedup"] / rows[3]["speedup"]
+        timeline = json.loads((outs[1] / "quantize_report.json").read_text())["data_parallel"]["per_layer"]
+        middle = sorted(timeline, key=lambda layer: layer["timeline"]["wall_s"])[len(timeline) // 2]
+        write_results("data_parallel_timeline", timeline_rows(middle),
+                      ["worker", "phase", "start_s", "end_s"],
+                      {"run": DEFAULT_JOB_RUNS[1][0], "layer": middle["layer"],
+                       "wall_s": middle["timeline"]["wall_s"], "chosen": "the layer of median wall time"})
+        write_results("data_parallel", rows, ["run", "quantize_s", "layers_s", "speedup", "of_ceiling",
+                                              "busy_fraction", "perplexity", "ppl_change_pct", "forward_s",
+                                              "hessian_s", "reduce_s", "solve_s", "broadcast_s",
+                                              "hessian_mb_per_layer", "result_mb_per_layer",
                                               "same_tensors_as_object_store"],
                       {"model": "SmolLM2-135M-Instruct, configs/default.yaml", "machine": "2 CPU cores",
                        "eval": f"{args.windows}×512 tokens"})

@@ -190,6 +190,26 @@ def _data_parallel(ax, rows: Rows) -> None:
     ax.legend(fontsize=8)
 
 
+PHASE_COLORS = {"load": "tab:purple", "capture": "tab:blue", "reduce": "tab:orange", "solve": "tab:green",
+                "broadcast": "tab:gray", "save": "tab:brown", "forward": "tab:cyan"}
+
+
+def _timeline(ax, rows: Rows) -> None:
+    """One layer's busy spans per data-parallel worker; gaps are the time a worker waited."""
+    workers = sorted({r["worker"] for r in rows})
+    for phase, color in PHASE_COLORS.items():
+        for w in workers:
+            spans = [(r["start_s"], r["end_s"] - r["start_s"]) for r in rows
+                     if r["worker"] == w and r["phase"] == phase]
+            ax.broken_barh(spans, (w - 0.35, 0.7), color=color, label=phase if w == workers[0] else None)
+    ax.set_yticks(workers)
+    ax.set_yticklabels([f"worker {w}" for w in workers])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the layer's start")
+    ax.set_title("data-parallel: one layer's timeline (gaps: waiting)")
+    ax.legend(fontsize=8, ncol=len(PHASE_COLORS), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+
+
 def _serving_openai(ax, rows: Rows) -> None:
     servers = list(dict.fromkeys(r["server"] for r in rows))
     levels = sorted({r["concurrency"] for r in rows})
@@ -226,7 +246,7 @@ PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "moe_quality_glm4_moe": _moe_quality, "moe_solve_workers": _moe_solve_workers,
     "rehearsal_235b": _rehearsal("Qwen3-235B-A22B"), "rehearsal_deepseek_v3": _rehearsal("DeepSeek-V3 (FP8 source)"),
     "rehearsal_kimi_k2": _rehearsal("Kimi-K2 (FP8 source)"),
-    "data_parallel": _data_parallel, "data_parallel_7b_layer": _data_parallel,
+    "data_parallel": _data_parallel, "data_parallel_7b_layer": _data_parallel, "data_parallel_timeline": _timeline,
 }
 
 
@@ -242,7 +262,8 @@ def save_plot(name: str, rows: Rows) -> Path | None:
     except ImportError:
         log.warning("matplotlib is not installed, so %s.png was not drawn: pip install -e \".[bench]\"", name)
         return None
-    fig, ax = plt.subplots(figsize=(9, max(3.5, 0.35 * len(rows) + 1.5)))
+    height = 3.5 if name.endswith("_timeline") else max(3.5, 0.35 * len(rows) + 1.5)  # a timeline's rows are spans
+    fig, ax = plt.subplots(figsize=(9, height))
     PLOTS[name](ax, rows)
     fig.tight_layout()
     path = RESULTS / f"{name}.png"

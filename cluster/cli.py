@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("rayquant")
@@ -129,7 +130,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--workers", type=int, help="data-parallel workers")
     p.add_argument("--transport", choices=["auto", "object_store", "collective"])
     p.add_argument("--worker-tflops", type=float, help="assumed TFLOP/s of one worker for the phase estimate "
-                   "(default 200 on GPUs, 0.2 on CPUs: 2 fp32 threads as measured here)")
+                   "(default 200 on GPUs, 0.1 per CPU thread: 0.22 measured on 2 fp32 threads here)")
     p.add_argument("--link-gbps", type=float, default=10.0, help="assumed GB/s between workers (default 10)")
     p.add_argument("--num-samples", type=int, help="calibration sequences (default 128)")
     p.add_argument("--max-len", type=int, help="tokens per sequence (default 512)")
@@ -176,7 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from cluster.driver import default_budget, experts_line, job_sizes, plan_job, resolve_model
     from cluster.job import load_job
-    from cluster.plan import describe, describe_phases, estimate_phases, experts_see_every_token, host_bytes, human
+    from cluster.plan import (describe, describe_phases, estimate_phases, experts_see_every_token, host_bytes, human,
+                              worker_flops)
     from quantizer.layer_builder import padded_intermediate
     from quantizer.model_io import CheckpointReader
 
@@ -193,7 +195,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"  host RAM per worker: about {human(host_bytes(sizes))} (the process, and the float weights of one "
               "layer as read from disk before they move to the GPU)")
     workers = job.resources.workers if schedule == "data_parallel" else 1
-    flops = (args.worker_tflops or (200 if job.resources.gpus_per_stage else 0.2)) * 1e12
+    threads = job.resources.cpus_per_stage or max(1, (os.cpu_count() or 1) // workers)
+    flops = args.worker_tflops * 1e12 if args.worker_tflops else worker_flops(job.resources.gpus_per_stage, threads)
     sparse = [i for i in range(reader.num_layers) if reader.arch.is_sparse(i)]
     calibration_tokens = job.calibration.num_samples * job.calibration.max_len
     estimate = estimate_phases(reader, sparse[0] if sparse else 0, intermediate, calibration_tokens, workers,

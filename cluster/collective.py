@@ -1,10 +1,11 @@
 """The data-parallel workers' collective transport: a torch.distributed process group among the Ray actors
 (NCCL between GPUs, gloo between CPU workers), for the two exchanges of each capture pass.
 
-- `reduce_to_owners`: each unit's owner receives every worker's partial Hessian, point to point, and sums
-  them in worker order — the same additions, so the same bits, as the object-store transport, and at most
-  two [in, in] matrices per unit on the owner (a gather would hold W).
-- `broadcast_from_owners`: each owner's results (packed weights) go to every worker, owner by owner.
+- `reduce_to_owners`: each rank that solves a unit (its owner, or every rank for a unit solved in row
+  shares) receives every worker's partial Hessian, point to point, and sums them in worker order — the
+  same additions, so the same bits, as the object-store transport, and at most two [in, in] matrices per
+  unit on a solving rank (a gather would hold W).
+- `broadcast_from_owners`: each rank's results (packed weights, row shares) go to every worker, rank by rank.
 
 Every worker walks the same units in the same order, so the sends and receives always pair up.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import pickle
-import socket
 from collections import Counter
 from typing import Any
 
@@ -30,42 +30,47 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def rendezvous_address(host: str) -> str:
-    """host:port with a port free on this node, for rank 0 to listen on."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return f"{host}:{sock.getsockname()[1]}"
+def rendezvous(host: str) -> tuple[dist.TCPStore, str]:
+    """(Rank 0) the group's key-value store, listening on a port the OS picks on this node (picking a free port
+    and binding it later lets another process take it in between), and its host:port for the others."""
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+    return store, f"{host}:{store.port}"
 
 
-def join(address: str, rank: int, world: int, device: torch.device) -> None:
-    """Join (or re-form, after a restart) the group of `world` workers whose rank 0 listens at `address`."""
+def join(address: str, rank: int, world: int, device: torch.device, store: dist.TCPStore | None = None) -> None:
+    """Join (or re-form, after a restart) the group of `world` workers whose rank 0 serves the store at `address`
+    (rank 0 passes the `store` it made)."""
     if dist.is_initialized():
         dist.destroy_process_group()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), init_method=f"tcp://{address}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+    if store is None:
+        host, _, port = address.rpartition(":")
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=TIMEOUT)
+    dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world, timeout=TIMEOUT)
 
 
 def barrier() -> None:
     dist.barrier()
 
 
-def _transfers(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, int]) -> list[tuple[Unit, int]]:
-    """(first unit holding an accumulator, owner) pairs, in the owners' order: units sharing an accumulator
-    (MoE experts calibrated on the block input) move it once per owner."""
+def _transfers(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, tuple[int, ...]]
+               ) -> list[tuple[Unit, int]]:
+    """(first unit holding an accumulator, solving rank) pairs, in the owners' order: units sharing an
+    accumulator (MoE experts calibrated on the block input) move it once per solving rank."""
     first: dict[int, Unit] = {}
     pairs: list[tuple[Unit, int]] = []
-    for unit, owner in owners.items():
-        key = (first.setdefault(id(accs[unit]), unit), owner)
-        if key not in pairs:
-            pairs.append(key)
+    for unit, ranks in owners.items():
+        for owner in ranks:
+            key = (first.setdefault(id(accs[unit]), unit), owner)
+            if key not in pairs:
+                pairs.append(key)
     return pairs
 
 
-def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, int], rank: int, world: int
-                     ) -> tuple[dict[Unit, HessianAccumulator], int]:
-    """This worker's partials {unit: accumulator} → the sums of the units it owns (worker order), and the
+def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, tuple[int, ...]], rank: int,
+                     world: int) -> tuple[dict[Unit, HessianAccumulator], int]:
+    """This worker's partials {unit: accumulator} → the sums of the units it solves (worker order), and the
     bytes it sent."""
     sums: dict[int, HessianAccumulator] = {}  # id(partial) → the sum this worker owns
     sent = 0
@@ -76,7 +81,7 @@ def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, in
     if any(other != plan for other in plans):  # unpaired sends would wait for the timeout: refuse now
         raise RuntimeError("data-parallel workers disagree on the Hessians to exchange (their capture passes "
                            "differ); this is a bug in rayquant, please report it with the job file")
-    moves = Counter(key for key, _ in transfers)  # an accumulator moved to several owners stays unsummed
+    moves = Counter(key for key, _ in transfers)  # an accumulator moved to several ranks stays unsummed
     for key, owner in transfers:
         acc = accs[key]
         count = torch.tensor([acc.count], dtype=torch.int64, device=acc.xtx.device)
@@ -101,12 +106,12 @@ def reduce_to_owners(accs: dict[Unit, HessianAccumulator], owners: dict[Unit, in
                 total += part
             tokens += n
         sums[id(acc)] = HessianAccumulator.from_sum(total, tokens)  # one transfer per accumulator and owner
-    return {unit: sums[id(accs[unit])] for unit, owner in owners.items() if owner == rank}, sent
+    return {unit: sums[id(accs[unit])] for unit, ranks in owners.items() if rank in ranks}, sent
 
 
 def broadcast_from_owners(output: Any, rank: int, world: int, device: torch.device) -> tuple[list[Any], int]:
-    """Every worker's `output` (its owned units' results) to every worker, in owner order; returns the W
-    outputs and the bytes this worker sent."""
+    """Every worker's `output` (its units' results and row shares) to every worker, in rank order; returns
+    the W outputs and the bytes this worker sent."""
     outputs: list[Any] = []
     sent = 0
     for owner in range(world):

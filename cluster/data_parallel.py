@@ -1,8 +1,10 @@
 """The data-parallel schedule: exact GPTQ with every worker busy. W workers (one per GPU, or per CPU
 budget, on any nodes) each hold the current layer and 1/W of the calibration sequences. Per capture pass:
 every worker accumulates partial Hessians over its sequences; each unit's partials go to the worker that
-owns it (units assigned by solve cost, largest first), which sums them in worker order, solves, and the
-results go to every worker. Then every worker pushes its own sequences through the quantized layer.
+owns it (units assigned by solve cost, largest first) — or to every worker, each solving a share of its rows,
+when one unit is most of the pass (a dense layer's) — which sums them in worker order and solves; the results
+go to every worker. Then every worker pushes its own sequences through the quantized layer. The driver
+submits each pass whole and waits once for it; per layer, every worker's busy spans are kept (its timeline).
 
 Finished layers are checkpointed by worker 0; a rerun, or a worker restarted after its node was lost,
 replays them on its own sequences — so a job that loses a worker ends with the tensors of a clean run.
@@ -16,8 +18,10 @@ from typing import Any
 
 import ray
 
-from cluster.dp_worker import DataParallelWorker
+from cluster.dp_worker import DataParallelWorker, Owners, module_results, pass_totals
+from cluster.plan import LINK_BYTES_PER_S, row_split_pays, worker_flops
 from cluster.progress import JobProgress, StageProgress
+from cluster.timeline import layer_timeline
 from cluster.recovery import Recovery, actor_lost, wait_until_restarted
 from rayquant.ray_private import actor_state
 from quantizer.activations import TokenBatch
@@ -35,27 +39,45 @@ log = logging.getLogger(__name__)
 
 
 def split_sequences(samples: list, workers: int, batch_size: int, pad_id: int) -> list[list[TokenBatch]]:
-    """Worker w gets sequences w, w+W, w+2W, … (balanced lengths), batched as a single run would batch."""
+    """Each worker's share of the calibration, batched as a single run would batch: longest sequence first,
+    each to the worker with the fewest tokens so far (ties to the lowest rank), so the workers' capture
+    passes take the same time (a split by position left one worker 11 % more tokens on the default job)."""
     if workers > len(samples):
         raise ConfigError(f"{workers} data-parallel workers need at least {workers} calibration sequences, the "
                           f"calibration gives {len(samples)}: lower --workers or raise --num-samples")
-    return [make_batches(samples[w::workers], batch_size, pad_id) for w in range(workers)]
+    shares: list[list] = [[] for _ in range(workers)]
+    tokens = [0] * workers
+    for sample in sorted(samples, key=len, reverse=True):
+        rank = min(range(workers), key=lambda r: (tokens[r], r))
+        shares[rank].append(sample)
+        tokens[rank] += len(sample)
+    return [make_batches(share, batch_size, pad_id) for share in shares]
 
 
-def assign_units(reader: CheckpointReader, index: int, groups: list[tuple[Unit, ...]], workers: int
-                 ) -> dict[Unit, int]:
-    """Owner rank of each unit of a pass: largest solve first (rows · in²), each to the least loaded worker;
-    ties go to the lowest rank, so the assignment is the same on every run."""
+def assign_units(reader: CheckpointReader, index: int, groups: list[tuple[Unit, ...]], workers: int,
+                 flops: float, link_bytes_per_s: float) -> Owners:
+    """The ranks that solve each unit of a pass. A unit whose solve (rows · in²) costs more than a worker's fair
+    share of the pass — a dense layer's passes hold one unit each — is solved by every worker, a share of its
+    rows each, against the same reduced Hessian, where that pays for the Hessians it moves (`row_split_pays`,
+    on workers of `flops` FLOP/s joined at `link_bytes_per_s`); the rest go whole, largest first, each to the
+    least loaded worker, ties to the lowest rank, so the assignment is the same on every run. Either way the
+    bits are the same (a row's solve does not depend on the other rows)."""
     shapes = reader.linear_shapes(index)
     units = [u for g in groups for u in g]
-    cost = {u: sum(shapes[n][0] for n in u) * shapes[u[0]][1] ** 2 for u in units}
-    load = [0] * workers
-    owners: dict[Unit, int] = {}
+    rows = {u: sum(shapes[n][0] for n in u) for u in units}
+    cost = {u: rows[u] * shapes[u[0]][1] ** 2 for u in units}
+    fair = sum(cost.values()) / workers
+    load = [0.0] * workers
+    owners: Owners = {}
     for unit in sorted(units, key=lambda u: (-cost[u], units.index(u))):
+        if cost[unit] > fair and row_split_pays(rows[unit], shapes[unit[0]][1], workers, flops, link_bytes_per_s):
+            owners[unit] = tuple(range(workers))
+            load = [x + cost[unit] / workers for x in load]
+            continue
         rank = min(range(workers), key=lambda r: (load[r], r))
-        owners[unit] = rank
+        owners[unit] = (rank,)
         load[rank] += cost[unit]
-    return owners
+    return {unit: owners[unit] for unit in units}
 
 
 class DataParallelRun:
@@ -67,6 +89,8 @@ class DataParallelRun:
         self.collective = transport == "collective"  # else the object store
         self.layer_store = FolderLayerStore(Location(layers_url))
         self.world = len(shares)
+        self.flops = worker_flops(gpus, threads)  # what the row-share decisions assume (cluster.plan)
+        self.collected = 0.0  # when the driver last collected a pass (perf_counter)
         self.workers = [DataParallelWorker.options(num_cpus=threads, num_gpus=gpus, max_restarts=max_restarts,
                                                    max_task_retries=0).remote(
             rank, self.world, model, qcfg, layers_url, threads, reader.num_layers) for rank in range(self.world)]
@@ -100,8 +124,12 @@ class DataParallelRun:
                 index = target
 
     def _layer(self, index: int, progress: StageProgress) -> None:
+        """One layer on every worker. Each pass is submitted whole — capture, then the exchange and solves; a
+        worker runs its calls in order and Ray hands results from one to the next; through the object store a
+        pass's results are applied by the next pass's capture — and the driver reads a pass's outcome once the
+        next pass is queued, so within a layer the workers never wait on the driver."""
         started, wall = time.time(), time.perf_counter()
-        ray.get([w.begin_layer.remote(index) for w in self.workers])
+        begun = [w.begin_layer.remote(index) for w in self.workers]
         arch = self.reader.arch
         passes = layer_passes(arch.spec(index), arch.num_experts(index), self.qcfg.experts_per_chunk,
                               self.qcfg.true_sequential)
@@ -109,66 +137,69 @@ class DataParallelRun:
         start_chunks(report, passes)
         phase = {"layer": index, "forward_s": 0.0, "hessian_s": 0.0, "reduce_s": 0.0, "solve_s": 0.0,
                  "broadcast_s": 0.0, "hessian_bytes": 0, "result_bytes": 0}
+        previous: list = []  # the last pass's solve outputs (object store), applied by each worker's next call
+        pending: tuple | None = None
+        self.collected = wall
         for p, step in enumerate(passes):
-            pass_start = time.perf_counter()
             chunk = "" if step.experts is None else \
                 f"experts {step.experts.start}-{step.experts.stop - 1} of {arch.num_experts(index)}, "
-            progress.update(StagePhase(index, f"calibration forward on {self.world} workers ({chunk}pass {p + 1}/"
-                                              f"{len(passes)})"))
-            owners = assign_units(self.reader, index, step.groups, self.world)
-            meta = ray.get([w.capture.remote(p, report.expert_tokens) for w in self.workers])
-            phase["forward_s"] += max(m["forward_s"] for m in meta)
-            phase["hessian_s"] += max(m["hessian_s"] for m in meta)
-            if not report.expert_tokens and any(m["expert_tokens"] for m in meta):
-                report.expert_tokens = [sum(col) for col in zip(*(m["expert_tokens"] for m in meta))]
-            routed = {unit: sum(m["routed"][unit] for m in meta) for unit in meta[0]["routed"]}
-            tokens = sum(m["tokens"] for m in meta)
-            progress.update(StagePhase(index, f"reducing and solving {len(owners)} unit(s) on "
-                                              f"{len(set(owners.values()))} worker(s)"))
-            outputs = (self._exchange_collective if self.collective else self._exchange_object_store)(
-                p, owners, routed, tokens)
-            for key in ("reduce_s", "solve_s", "broadcast_s"):
-                phase[key] += max(o[key] for o in outputs)
-            phase["hessian_bytes"] += sum(o["hessian_bytes_sent"] for o in outputs)
-            phase["result_bytes"] += sum(o["result_bytes_sent"] for o in outputs)
-            for output in outputs:
-                for name, result in output["results"]:
-                    report.losses[name] = result.loss
-                    if result.cholesky_fallback:
-                        report.cholesky_fallbacks[name] = result.cholesky_fallback
-                report.hessian_tokens.update(output["hessian_tokens"])
-                report.expert_fallbacks.update(output["expert_fallbacks"])
-            if step.chunk is not None:
-                report.chunk_seconds[step.chunk] += time.perf_counter() - pass_start
+            owners = assign_units(self.reader, index, step.groups, self.world, self.flops, LINK_BYTES_PER_S)
+            split = sum(len(ranks) > 1 for ranks in owners.values())
+            progress.update(StagePhase(index, f"{chunk}pass {p + 1}/{len(passes)} on {self.world} workers: "
+                                              f"calibration forward, then {len(owners)} unit(s) reduced and solved"
+                                              + (f" ({split} in row shares on every worker)" if split else "")))
+            metas = [w.capture.remote(p, *previous) for w in self.workers]
+            if self.collective:  # the workers exchange partials and results among themselves
+                solved, sent = [w.exchange.remote(p, owners, *metas) for w in self.workers], None
+            else:  # partials to the ranks that solve them, results to every worker, through the object store
+                parts = [w.partials.options(num_returns=self.world + 1).remote(owners, *metas) for w in self.workers]
+                solved = [self.workers[r].solve.remote(p, owners, *[worker_parts[r] for worker_parts in parts])
+                          for r in range(self.world)]
+                sent, previous = [worker_parts[-1] for worker_parts in parts], solved
+            if pending is not None:
+                self._collect(report, phase, *pending)
+            pending = (index, step, begun + metas, solved, sent)
+            begun = []
+        self._collect(report, phase, *pending)  # the report is whole before worker 0 saves it with the layer
         progress.update(StagePhase(index, "forward through the quantized layer"))
         report.finished = time.time()
         report.seconds = time.perf_counter() - wall
-        forward = ray.get([w.finish_layer.remote(report if rank == 0 else None)
+        forward = ray.get([w.finish_layer.remote(report if rank == 0 else None, *previous)
                            for rank, w in enumerate(self.workers)])
         phase["forward_s"] += max(f["forward_s"] for f in forward)
+        phase["broadcast_s"] += max(f["broadcast_s"] for f in forward)
         report.seconds = time.perf_counter() - wall
+        phase["timeline"] = layer_timeline(started, report.seconds, [f["events"] for f in forward])
         self.phases.append(phase)
         progress.update(report)
 
-    def _exchange_object_store(self, p: int, owners: dict[Unit, int], routed: dict[Unit, int], tokens: int
-                               ) -> list[dict[str, Any]]:
-        """Partials to their owners and results to every worker through Ray's object store."""
-        parts = [w.partials.options(num_returns=self.world + 1).remote(owners, routed) for w in self.workers]
-        sent = ray.get([worker_parts[-1] for worker_parts in parts])
-        owner_refs = [self.workers[r].solve.remote(p, tokens, *[worker_parts[r] for worker_parts in parts])
-                      for r in range(self.world)]
-        outputs = ray.get(owner_refs)
-        start = time.perf_counter()
-        ray.get([w.apply.remote(*owner_refs) for w in self.workers])  # broadcast, in owner order
-        broadcast_s = time.perf_counter() - start
-        for output, hessian_bytes in zip(outputs, sent):
-            output.update(hessian_bytes_sent=hessian_bytes, broadcast_s=broadcast_s)
-        return outputs
-
-    def _exchange_collective(self, p: int, owners: dict[Unit, int], routed: dict[Unit, int], tokens: int
-                             ) -> list[dict[str, Any]]:
-        """The workers exchange partials and results among themselves (torch.distributed)."""
-        return _get_all([w.exchange.remote(p, owners, routed, tokens) for w in self.workers])
+    def _collect(self, report: LayerReport, phase: dict[str, Any], index: int, step, metas: list, solved: list,
+                 sent: list | None) -> None:
+        """A pass's outcome into the layer's report and phase times: counts, losses, fallbacks, bytes moved."""
+        meta = ray.get(metas)[-self.world:]
+        outputs = _get_all(solved)
+        if sent is not None:
+            for output, hessian_bytes in zip(outputs, ray.get(sent)):
+                output["hessian_bytes_sent"] = hessian_bytes
+        phase["forward_s"] += max(m["forward_s"] for m in meta)
+        phase["hessian_s"] += max(m["hessian_s"] for m in meta)
+        if not report.expert_tokens:
+            report.expert_tokens = pass_totals(meta)["expert_tokens"]
+        for key in ("reduce_s", "solve_s", "broadcast_s"):
+            phase[key] += max(o.get(key, 0.0) for o in outputs)
+        phase["hessian_bytes"] += sum(o["hessian_bytes_sent"] for o in outputs)
+        phase["result_bytes"] += sum(o["result_bytes_sent"] for o in outputs)
+        for name, result in module_results(outputs, self.reader.linear_shapes(index)):
+            report.losses[name] = result.loss
+            if result.cholesky_fallback:
+                report.cholesky_fallbacks[name] = result.cholesky_fallback
+        for output in outputs:
+            report.hessian_tokens.update(output["hessian_tokens"])
+            report.expert_fallbacks.update(output["expert_fallbacks"])
+        now = time.perf_counter()
+        if step.chunk is not None:  # passes end in order: a pass took from the last one's end to its own
+            report.chunk_seconds[step.chunk] += now - self.collected
+        self.collected = now
 
     def _form_group(self) -> None:
         """Collective transport: every worker joins the group at the address worker 0 offers."""

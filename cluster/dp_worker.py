@@ -1,11 +1,14 @@
 """One worker of the data-parallel schedule: it holds the layer being quantized and 1/W of the calibration
 sequences, whose activations never leave it. For each capture pass it accumulates partial Hessians over its
-own batches and hands each owner the partials of the units that owner solves; an owner sums the W partials
-in worker order (the same bits on every rerun with the same W), solves its units, and every worker applies
-every owner's results before the next pass. Finally each worker pushes its own batches through the
-quantized layer. Only Hessians, results (packed weights) and control messages cross between workers: through
-Ray's object store (`partials`, `solve`, `apply`) or a torch.distributed group (`exchange`: NCCL on GPUs,
-gloo on CPUs).
+own batches and hands them to the ranks that solve each unit: one owner for a unit solved whole, every worker
+for a unit solved in row shares (a dense layer's units, one per pass). Each solving rank sums the W partials
+in worker order (the same bits on every rerun with the same W) and solves its units or its share of their
+rows — rows are independent given H⁻¹, so the merged shares are the bits of one worker solving all rows —
+and every worker applies every worker's results before the next pass. Finally each worker pushes its own
+batches through the quantized layer. Only Hessians, results (packed weights) and control messages cross
+between workers: through Ray's object store (`partials`, `solve`, then applied by the next call) or a
+torch.distributed group (`exchange`: NCCL on GPUs, gloo on CPUs). Each worker records the spans it was busy
+in (`cluster.timeline`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from cluster import collective
 from cluster.shards import write_layers_shard
 from cluster.stage import stage_engine
+from cluster.timeline import Timeline
 from quantizer.activations import ActivationChunk, TokenBatch
 from quantizer.config import QuantConfig
 from quantizer.decoder import Unit
@@ -27,8 +31,40 @@ from quantizer.engine import LayerReport, LayerWork, peak_rss_mb
 from quantizer.hessian import reduce_in_order
 from quantizer.layer_builder import build_quantized_layer
 from quantizer.result import QuantResult
-from quantizer.solvers import LocalSolver
+from quantizer.solvers import LocalSolver, merge_rows, split_rows
 from quantizer.sources import ModelRef
+
+
+Owners = dict[Unit, tuple[int, ...]]  # the ranks that solve each unit of a pass: one (whole) or all (row shares)
+
+
+def pass_totals(metas: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> dict[str, Any]:
+    """Every worker's `capture` counts summed: real tokens, routed tokens per gate/up unit, tokens per expert
+    (empty unless this pass counted them)."""
+    counted = [m["expert_tokens"] for m in metas if m["expert_tokens"]]
+    return {"tokens": sum(m["tokens"] for m in metas),
+            "routed": {unit: sum(m["routed"][unit] for m in metas) for unit in metas[0]["routed"]},
+            "expert_tokens": [sum(col) for col in zip(*counted)] if counted else []}
+
+
+def _solved(output: dict[str, Any]) -> dict[str, Any]:
+    """What of a worker's solve output goes to every worker: whole units' results and row shares."""
+    return {"results": output["results"], "shares": output["shares"]}
+
+
+def module_results(solved: list[dict[str, Any]], shapes: dict[str, tuple[int, int]]
+                   ) -> list[tuple[str, QuantResult]]:
+    """Every module's result from the workers' solve outputs (rank order): units solved whole as they are;
+    units solved in row shares merged (rank order is row order) and split back per module. `shapes`: the
+    layer's {module: (rows, in)}."""
+    results = [item for output in solved for item in output["results"]]
+    pieces: dict[Unit, list[QuantResult]] = {}
+    for output in solved:
+        for unit, result in output["shares"]:
+            pieces.setdefault(unit, []).append(result)
+    for unit, parts in pieces.items():
+        results += split_rows(unit, merge_rows(parts), [shapes[name][0] for name in unit]).items()
+    return results
 
 
 def _hessian_bytes(accs: dict) -> int:
@@ -57,6 +93,9 @@ class DataParallelWorker:
         self.work: LayerWork | None = None
         self.accs: dict = {}  # the current pass's partial Hessians, until they are sent
         self.bytes_sent = 0  # Hessian partials and results this worker sent to other workers
+        self.timeline = Timeline()  # this layer's busy spans, returned by finish_layer
+        self.broadcast_s = 0.0  # this layer's time applying other workers' results (object-store transport)
+        self.store = None  # (rank 0, collective transport) the group's store, served by this worker
 
     def pid(self) -> int:
         return os.getpid()
@@ -82,108 +121,130 @@ class DataParallelWorker:
         return time.perf_counter() - start, saved[1]
 
     def begin_layer(self, index: int) -> None:
-        self.work = LayerWork(self.engine, index, LayerReport(layer=index, started=time.time()))
+        with self.timeline.span("load"):
+            self.work = LayerWork(self.engine, index, LayerReport(layer=index, started=time.time()))
         self.engine.hessian_seconds = 0.0
 
     def rendezvous(self) -> str:
-        """(Rank 0) host:port for the collective group to meet at."""
-        return collective.rendezvous_address(ray.util.get_node_ip_address())
+        """(Rank 0) host:port of the store the collective group meets at; this worker serves it."""
+        self.store, address = collective.rendezvous(ray.util.get_node_ip_address())
+        return address
 
     def join_group(self, address: str) -> None:
         """Join the workers' torch.distributed group (NCCL on GPUs, gloo on CPUs), anew after a restart."""
-        collective.join(address, self.rank, self.world, self.engine.device)
+        collective.join(address, self.rank, self.world, self.engine.device, self.store if self.rank == 0 else None)
 
-    def capture(self, pass_index: int, expert_tokens: list[int]) -> dict[str, Any]:
+    def capture(self, pass_index: int, *previous: dict[str, Any]) -> dict[str, Any]:
         """Partial Hessians of pass `pass_index` over this worker's batches, kept here until `partials` or
-        `exchange` sends them. `expert_tokens`: the tokens routed to each expert over the whole calibration
-        (empty until the pass that counts them). Returns this worker's counts and timings."""
-        if expert_tokens:
-            self.work.report.expert_tokens = list(expert_tokens)
+        `exchange` sends them; first, `previous`: every worker's solve outputs of the pass before (object-store
+        transport), applied. Returns this worker's counts (real tokens, routed tokens per gate/up unit, per
+        expert when this pass counted them) and timings."""
+        self.apply(*previous)
         counted = not self.work.report.expert_tokens
-        start = time.perf_counter()
-        self.accs = self.work.capture(self.work.passes[pass_index], self.handles, settle=False)
-        seconds = time.perf_counter() - start
+        with self.timeline.span("capture") as span:
+            self.accs = self.work.capture(self.work.passes[pass_index], self.handles, settle=False)
         hessian_s, self.engine.hessian_seconds = self.engine.hessian_seconds, 0.0
         return {"tokens": self.engine._tokens, "routed": self.work.routed_counts(self.accs),
                 "expert_tokens": self.work.report.expert_tokens if counted else [],
-                "forward_s": seconds - hessian_s, "hessian_s": hessian_s}
+                "forward_s": span.seconds - hessian_s, "hessian_s": hessian_s}
 
-    def _settled(self, owners: dict[Unit, int], routed: dict[Unit, int]) -> dict[Unit, Any]:
-        accs, self.accs = self.work.settle(self.accs, routed or None), {}
+    def _settled(self, owners: Owners, metas: tuple[dict[str, Any], ...]) -> dict[Unit, Any]:
+        """This pass's partials, settled on the whole calibration's counts (every worker's `capture` meta)."""
+        totals = pass_totals(metas)
+        if totals["expert_tokens"]:  # the pass that counted routed tokens: the whole calibration's, not this share's
+            self.work.report.expert_tokens = totals["expert_tokens"]
+        accs, self.accs = self.work.settle(self.accs, totals["routed"] or None), {}
+        self.engine._tokens = totals["tokens"]
         return {unit: accs[unit] for unit in owners}
 
-    def partials(self, owners: dict[Unit, int], routed: dict[Unit, int]) -> tuple:
-        """Object-store transport: this worker's partials, one object per owner rank ({unit: accumulator} of
-        the units that rank solves), then the bytes sent to other ranks."""
-        accs = self._settled(owners, routed)
-        parts = [{unit: acc for unit, acc in accs.items() if owners[unit] == rank} for rank in range(self.world)]
+    def partials(self, owners: Owners, *metas: dict[str, Any]) -> tuple:
+        """Object-store transport: this worker's partials, one object per rank ({unit: accumulator} of the
+        units that rank solves, whole or a share of their rows), then the bytes sent to other ranks."""
+        with self.timeline.span("reduce"):
+            accs = self._settled(owners, metas)
+            parts = [{unit: acc for unit, acc in accs.items() if rank in owners[unit]} for rank in range(self.world)]
         sent = sum(_hessian_bytes(part) for rank, part in enumerate(parts) if rank != self.rank)
         self.bytes_sent += sent
         return (*parts, sent)
 
-    def solve(self, pass_index: int, tokens: int, *partials: dict) -> dict[str, Any]:
-        """Object-store transport: sum the W partials of this owner's units in worker order, then solve them."""
-        start = time.perf_counter()
-        output = self._solve(pass_index, tokens, reduce_in_order(list(partials)), time.perf_counter() - start)
+    def solve(self, pass_index: int, owners: Owners, *partials: dict) -> dict[str, Any]:
+        """Object-store transport: sum the W partials of this worker's units in worker order, then solve them."""
+        with self.timeline.span("reduce") as span:
+            accs = reduce_in_order(list(partials))
+        output = self._solve(pass_index, owners, accs, span.seconds)
         self.bytes_sent += output["result_bytes_sent"]
         return output
 
-    def exchange(self, pass_index: int, owners: dict[Unit, int], routed: dict[Unit, int], tokens: int
-                 ) -> dict[str, Any]:
-        """Collective transport: the whole exchange of a pass on every worker at once — partials to their
-        owners (summed in worker order), this worker's solves, every owner's results to every worker."""
-        start = time.perf_counter()
-        accs, sent = collective.reduce_to_owners(self._settled(owners, routed), owners, self.rank, self.world)
+    def exchange(self, pass_index: int, owners: Owners, *metas: dict[str, Any]) -> dict[str, Any]:
+        """Collective transport: the whole exchange of a pass on every worker at once — partials to the ranks
+        that solve them (summed in worker order), this worker's solves, every worker's results to every
+        worker."""
+        with self.timeline.span("reduce") as span:
+            accs, sent = collective.reduce_to_owners(self._settled(owners, metas), owners, self.rank, self.world)
         self.bytes_sent += sent
-        output = self._solve(pass_index, tokens, accs, time.perf_counter() - start)
+        output = self._solve(pass_index, owners, accs, span.seconds)
         output["hessian_bytes_sent"] = sent
-        collective.barrier()  # every owner has solved: the broadcast's time is then its own, not a wait
-        start = time.perf_counter()
-        outputs, result_sent = collective.broadcast_from_owners(output["results"], self.rank, self.world,
-                                                               self.engine.device)
-        self.bytes_sent += result_sent
-        output["result_bytes_sent"] = result_sent
-        self._apply_results(outputs)
-        output["broadcast_s"] = time.perf_counter() - start
+        collective.barrier()  # every worker has solved: the broadcast's time is then its own, not a wait
+        with self.timeline.span("broadcast") as span:
+            outputs, result_sent = collective.broadcast_from_owners(_solved(output), self.rank, self.world,
+                                                                   self.engine.device)
+            self.bytes_sent += result_sent
+            output["result_bytes_sent"] = result_sent
+            self._apply_results(outputs)
+        output["broadcast_s"] = span.seconds
         return output
 
-    def _solve(self, pass_index: int, tokens: int, accs: dict, reduce_s: float) -> dict[str, Any]:
-        self.engine._tokens = tokens
-        start = time.perf_counter()
-        report = LayerReport(layer=self.work.index)
-        results: list[tuple[str, QuantResult]] = []
-        for group in self.work.passes[pass_index].groups:
-            mine = tuple(unit for unit in group if unit in accs)
-            if mine:
-                results += list(self.engine._solve_group(self.work.layer, mine, accs, report))
-        size = sum(r.codes.numel() + r.scales.numel() * 2 + r.zeros.numel() * 4 for _, r in results)
-        return {"results": results, "result_bytes_sent": size * (self.world - 1),
+    def _solve(self, pass_index: int, owners: Owners, accs: dict, reduce_s: float) -> dict[str, Any]:
+        """This worker's units of the pass: those it owns alone, whole, and its share of the rows of those
+        every worker solves."""
+        with self.timeline.span("solve") as span:
+            report = LayerReport(layer=self.work.index)
+            results: list[tuple[str, QuantResult]] = []
+            shares: list[tuple[Unit, QuantResult]] = []
+            for group in self.work.passes[pass_index].groups:
+                whole = tuple(unit for unit in group if owners[unit] == (self.rank,))
+                if whole:
+                    results += list(self.engine._solve_group(self.work.layer, whole, accs, report))
+                split = tuple(unit for unit in group if len(owners[unit]) > 1 and self.rank in owners[unit])
+                if split:
+                    shares += self.engine.solve_shares(self.work.layer, split, accs, report, self.rank, self.world)
+        size = sum(r.codes.numel() + r.scales.numel() * 2 + r.zeros.numel() * 4 for _, r in results + shares)
+        return {"results": results, "shares": shares, "result_bytes_sent": size * (self.world - 1),
                 "hessian_tokens": report.hessian_tokens, "expert_fallbacks": report.expert_fallbacks,
-                "reduce_s": reduce_s, "solve_s": time.perf_counter() - start}
+                "reduce_s": reduce_s, "solve_s": span.seconds}
 
-    def apply(self, *owner_outputs: dict[str, Any]) -> float:
-        """Object-store transport: every owner's results, in owner order (later passes and the output forward
-        see them)."""
-        start = time.perf_counter()
-        self._apply_results([output["results"] for output in owner_outputs])
-        return time.perf_counter() - start
+    def apply(self, *outputs: dict[str, Any]) -> None:
+        """Object-store transport: every worker's results, in rank order (later passes and the output forward
+        see them); the next `capture` or `finish_layer` call brings them, so a pass costs no call of its own."""
+        if outputs:
+            with self.timeline.span("broadcast") as span:
+                self._apply_results([_solved(output) for output in outputs])
+            self.broadcast_s += span.seconds
 
-    def _apply_results(self, per_owner: list[list[tuple[str, QuantResult]]]) -> None:
-        for results in per_owner:
-            for name, result in results:
-                self.work.apply(name, result)
+    def _apply_results(self, solved: list[dict[str, Any]]) -> None:
+        for name, result in module_results(solved, self.reader.linear_shapes(self.work.index)):
+            self.work.apply(name, result)
 
-    def finish_layer(self, report: LayerReport | None) -> dict[str, float]:
+    def finish_layer(self, report: LayerReport | None, *previous: dict[str, Any]) -> dict[str, Any]:
         """Push this worker's batches through the quantized layer; with `report` (one worker does this), also
-        checkpoint the layer. Returns the forward seconds."""
+        checkpoint the layer, in the background meanwhile, as the next layer's weights are read. Returns the
+        forward seconds, the seconds spent applying other workers' results (object-store transport: `previous`,
+        the last pass's solve outputs, are applied first) and this layer's timeline on this worker."""
+        self.apply(*previous)
         index, tensors = self.work.index, self.work.finish()
         self.work = None  # the float layer goes before the quantized one is built
-        if report is not None:
+        saving = None
+        if report is not None:  # written while the forward runs (it only reads the tensors)
             report.peak_rss_mb = peak_rss_mb()
-            self.layer_store.save(index, tensors, report)
-        start = time.perf_counter()
-        self._forward(index, tensors)
-        return {"forward_s": time.perf_counter() - start}
+            saving = self.engine.background.submit(self.layer_store.save, index, tensors, report)
+        self.engine.prefetch(index + 1)  # the next layer's weights are read meanwhile too
+        with self.timeline.span("forward") as span:
+            self._forward(index, tensors)
+        if saving is not None:
+            with self.timeline.span("save"):  # what is left of the write: the layer is saved when this returns
+                saving.result()
+        applied, self.broadcast_s = self.broadcast_s, 0.0
+        return {"forward_s": span.seconds, "broadcast_s": applied, "events": self.timeline.take()}
 
     def _forward(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         e = self.engine

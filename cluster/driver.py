@@ -23,6 +23,7 @@ from cluster.output import OutputTarget
 from cluster.plan import GB, StagePlan, describe, fitting_plans, model_sizes, plan_stages
 from cluster.progress import JobProgress, StageProgress
 from cluster.recovery import Recovery, inputs_lost, recoverable, wait_until_restarted
+from cluster.timeline import busy_totals
 from cluster.resume import layers_folder, open_work_dir, remove_work_dir
 from cluster.stage import StageWorker
 from quantizer.assets import cache_dir, default_model_dir
@@ -462,6 +463,7 @@ class Driver:
                                     "activations never leave their worker",
                 "sequences_per_worker": [sum(len(b.input_ids) for b in share) for share in self.shares],
                 "per_layer": phases,
+                "worker_time": busy_totals([p["timeline"] for p in phases]),
                 "totals_s": {k: round(sum(p[k] for p in phases), 3) for k in
                              ("forward_s", "hessian_s", "reduce_s", "solve_s", "broadcast_s")},
                 "bytes_per_layer": {"hessians": sum(p["hessian_bytes"] for p in phases) / max(1, len(phases)),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import mlp_width
 from quantizer.model_io import CheckpointReader
+from quantizer.solvers import SHARE_ALIGN
 
 GB = 1024**3
 
@@ -282,16 +283,42 @@ class PhaseEstimate:
         return self.forward_s + self.hessian_s + self.reduce_s + self.solve_s + self.broadcast_s
 
 
+GPU_FLOPS = 200e12  # FLOP/s a GPU worker sustains on the solves' matmuls (an H100 in bf16/fp32 mixes)
+CPU_FLOPS_PER_THREAD = 0.1e12  # a CPU thread on the same (0.22 TFLOP/s measured on 2 threads of this CPU)
+LINK_BYTES_PER_S = 10e9  # between workers: Ray's object store, or one link of a torch.distributed group
+
+
+def worker_flops(gpus: float, threads: int) -> float:
+    """FLOP/s assumed for one worker: a GPU's, or its CPU threads'."""
+    return GPU_FLOPS if gpus else CPU_FLOPS_PER_THREAD * max(1, threads)
+
+
+def row_split_pays(rows: int, in_features: int, workers: int, flops: float, link_bytes_per_s: float) -> bool:
+    """Whether solving a unit (stacked `rows` × `in_features`) in row shares on all `workers` beats one worker
+    solving it: it saves (1 − 1/W) of the column loop, 2·rows·in²·(1 − 1/W) FLOPs, and moves every worker's
+    partial Hessian to every other — (W − 1)² more [in, in] fp32 matrices than to one owner. On CPUs the solve
+    dominates (split); on GPUs the Hessians do (a 72B layer's are GBs: whole)."""
+    if workers < 2 or rows < 2 * SHARE_ALIGN:
+        return False
+    saved = 2 * rows * in_features**2 * (1 - 1 / workers) / flops
+    extra = (workers - 1) ** 2 * in_features**2 * 4 / link_bytes_per_s
+    return saved > extra
+
+
 def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tokens: int, workers: int, bits: int,
                     worker_flops: float, link_bytes_per_s: float, all_experts: bool = True) -> PhaseEstimate:
     """Per-phase seconds of layer `index` under the data-parallel schedule on `workers` workers of
     `worker_flops` FLOP/s each, joined by links of `link_bytes_per_s`; `tokens` calibration tokens in all.
     Forward: the capture passes (each runs the layer up to its units: half a layer on average) and the
     output forward, 2 FLOPs per weight and token, every expert in a sparse layer's down_proj pass when all
-    experts are calibrated on every token; Hessians: 2·in² per token and unit; solves: 2·rows·in² + in³ per
-    unit, spread over the workers largest first; reduce: W − 1 partial Hessians per unit to its owner;
-    broadcast: the packed weights to the W − 1 other workers. Experts streamed `chunk` at a time add next to
-    nothing: later chunks run the experts block alone on its recorded inputs, only the chunk's experts."""
+    experts are calibrated on every token; Hessians: 2·in² per token and unit. Solves, pass after pass as the
+    schedule runs them (`cluster.data_parallel.assign_units`): a unit costing more than a worker's share of its
+    pass is solved in row shares on every worker where that pays (`row_split_pays`: 2·rows·in²/W each plus
+    the in³ factorization every worker makes), the rest whole (2·rows·in² + in³), largest first to the least
+    loaded worker. Reduce: the W − 1 partial Hessians of each unit to its owner (to every worker for a unit
+    in row shares); broadcast: the packed weights to the W − 1 other workers — both serialized on one link, as
+    the collective transport sends them (an upper bound for the object store). Experts streamed `chunk` at a
+    time add next to nothing: later chunks run the experts block alone on its recorded inputs."""
     arch, config = reader.arch, reader.config
     groups = layer_groups(reader, index, intermediate, all_experts)
     weights = sum(r * i for units, _ in groups for r, i in units)
@@ -305,15 +332,27 @@ def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tok
         routed = expert_weights * top_k / experts
         forward_flops = 2 * tokens * (dense * (passes / 2 + 1) + routed * 3 + (expert_weights if all_experts else 0))
     hessian_flops = sum(2 * i * i * tokens * shared for units, shared in groups for _, i in units[:1])
-    solve_costs = sorted((2 * r * i * i + i**3 for units, _ in groups for r, i in units), reverse=True)
-    loads = [0.0] * workers
-    for cost in solve_costs:
-        loads[loads.index(min(loads))] += cost
-    hessian_bytes = sum(i * i * 4 * h for units, h in groups for _, i in units[:1]) * (workers - 1)
+    solve_flops = 0.0
+    hessian_bytes = 0.0
+    for units, hessians in groups:
+        costs = sorted(((2 * r * i * i + i**3, r, i) for r, i in units), reverse=True)
+        fair = sum(cost for cost, _, _ in costs) / workers
+        share = hessians / len(units)  # the units of a group may share Hessians (experts on every token)
+        loads = [0.0] * workers
+        for cost, rows, i in costs:
+            partials = i * i * 4 * share * (workers - 1)
+            if cost > fair and row_split_pays(rows, i, workers, worker_flops, link_bytes_per_s):
+                loads = [load + 2 * rows * i * i / workers + i**3 for load in loads]
+                hessian_bytes += partials * workers
+            else:
+                k = loads.index(min(loads))
+                loads[k] += cost
+                hessian_bytes += partials
+        solve_flops += max(loads)
     result_bytes = int(weights * bits / 8 * (workers - 1))
     return PhaseEstimate(forward_flops / workers / worker_flops, hessian_flops / workers / worker_flops,
-                         hessian_bytes / link_bytes_per_s, max(loads) / worker_flops, result_bytes / link_bytes_per_s,
-                         hessian_bytes, result_bytes)
+                         hessian_bytes / link_bytes_per_s, solve_flops / worker_flops,
+                         result_bytes / link_bytes_per_s, int(hessian_bytes), result_bytes)
 
 
 def describe_phases(estimate: PhaseEstimate, layers: int, workers: int, worker_flops: float,

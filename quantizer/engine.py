@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import resource
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterator, Protocol
 
@@ -31,7 +32,7 @@ from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
 from quantizer.passes import Pass, expert_of, layer_passes, pass_stop
 from quantizer.result import QuantResult
-from quantizer.solvers import LocalSolver, Solver, SolveJob, split_rows
+from quantizer.solvers import LocalSolver, Solver, SolveJob, solve_share, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class StagePhase:
 
 class LayerStore(Protocol):
     """Per-layer checkpoints that make a stage resumable."""
+
+    def has(self, index: int) -> bool: ...
 
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], LayerReport] | None: ...
 
@@ -125,6 +128,8 @@ class StageEngine:
         self._tokens = 0  # real tokens of the last capture pass
         self.block_input: HessianAccumulator | None = None  # moe_calibration auto: the last pass's block input
         self.hessian_seconds = 0.0  # time spent adding to Hessians, all passes so far
+        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-io")  # reads and writes
+        self._prefetched: tuple[tuple[int, bool], Future] | None = None  # (index, streamed), its float state
 
     # ---- inputs -----------------------------------------------------------------------------------
     def embed(self, batch: TokenBatch) -> ActivationChunk:
@@ -163,13 +168,28 @@ class StageEngine:
 
     def float_layer(self, index: int, streamed: bool = False) -> nn.Module:
         """Layer `index` in float; `streamed`: its experts' weights are left out (on the meta device), loaded a
-        chunk at a time by LayerWork."""
+        chunk at a time by LayerWork. Its weights come from `prefetch` when that read them already."""
         spec = self.arch.spec(index)
         absent = (lambda name: expert_of(name, spec) is not None) if streamed else None
-        state = self.reader.layer_state(index, None if absent is None else lambda name: not absent(name))
+        ahead, self._prefetched = self._prefetched, None
+        state = ahead[1].result() if ahead is not None and ahead[0] == (index, streamed) else \
+            self._float_state(index, streamed)
+        return build_float_layer(self.arch, index, state, self.dtype, self.device, absent)
+
+    def _float_state(self, index: int, streamed: bool) -> dict[str, torch.Tensor]:
+        """Layer `index`'s float weights as read from the checkpoint (without its experts when `streamed`)."""
+        spec = self.arch.spec(index)
+        state = self.reader.layer_state(index, (lambda name: expert_of(name, spec) is None) if streamed else None)
         if self.arch is not self.reader.arch and not self.arch.is_sparse(index):
             state = pad_mlp(state, self.intermediate)
-        return build_float_layer(self.arch, index, state, self.dtype, self.device, absent)
+        return state
+
+    def prefetch(self, index: int) -> None:
+        """Start reading layer `index`'s float weights in the background — while the layer before it runs its
+        output forward — for `float_layer` to take (a sparse layer's: without its experts, read per chunk)."""
+        if index in self.layers:
+            streamed = self.arch.spec(index).sparse
+            self._prefetched = ((index, streamed), self.background.submit(self._float_state, index, streamed))
 
     # ---- quantization -----------------------------------------------------------------------------
     def quantize(self, inputs: list[Any]) -> Iterator[LayerReport | StagePhase]:
@@ -190,6 +210,8 @@ class StageEngine:
                 tensors = yield from self._quantize_layer(index, handles, report)
             yield StagePhase(index, "forward through the quantized layer" if saved is None else
                              "replaying the finished layer from its checkpoint")
+            if not (self.layer_store and self.layer_store.has(index + 1)):
+                self.prefetch(index + 1)
             layer = build_quantized_layer(self.arch, index, tensors, self.qcfg, self.dtype, self.device)
             handles = [self.store.put(self.forward_layer(layer, index, self.store.get(h))) for h in handles]
             report.seconds = time.perf_counter() - start
@@ -306,7 +328,18 @@ class StageEngine:
         units sharing a Hessian share its factorization; experts with too few tokens fall back."""
         for job, result in self.solver.solve(self._jobs(layer, group, accs, report), self.qcfg):
             widths = [layer.get_submodule(name).weight.shape[0] for name in job.names]
-            yield from split_rows(job, result, widths).items()
+            yield from split_rows(job.names, result, widths).items()
+
+    def solve_shares(self, layer: nn.Module, group: tuple[Unit, ...], accs: dict[Unit, HessianAccumulator],
+                     report: LayerReport, part: int, parts: int) -> list[tuple[Unit, QuantResult]]:
+        """Share `part` of `parts` of each unit's stacked rows (`row_shares`), solved against the unit's whole
+        Hessian: (unit, result of those rows); units too narrow to have that share are left out."""
+        shares = []
+        for job in self._jobs(layer, group, accs, report):
+            result = solve_share(job, self.qcfg, part, parts)
+            if result is not None:
+                shares.append((job.names, result))
+        return shares
 
     def _jobs(self, layer: nn.Module, group: tuple[Unit, ...], accs: dict[Unit, HessianAccumulator],
               report: LayerReport) -> Iterator[SolveJob]:

@@ -158,13 +158,17 @@ def gptq_solve(weight: torch.Tensor, fact: Factorization, cfg: QuantConfig) -> Q
     # Σ (err/d)² is ΔW(H + λI)ΔWᵀ exactly (each column's error is the exact increase of the objective);
     # subtracting λ‖ΔW‖² leaves the undamped output error, without an [out, in] × [in, in] product.
     # Both terms without weight-sized temporaries (four of them would be 8 GB for Qwen2-72B's gate/up).
-    err_sq = scaled_err.square_().sum(0)
-    del scaled_err
+    # Each row's sums run along its own contiguous inputs, so a row's loss has the same bits whichever rows
+    # are solved with it (data-parallel workers solve shares of a unit's rows).
+    err_sq = torch.empty(W.shape[0], device=W.device)
     delta_sq = torch.empty(W.shape[0], device=W.device)
     for r0 in range(0, W.shape[0], LOSS_ROWS):
         rows = slice(r0, r0 + LOSS_ROWS)
+        err = scaled_err[:, rows].t().contiguous()
+        err_sq[rows] = (err * err).sum(1)
         delta = W[rows] - result.dequantize(rows)
         delta_sq[rows] = (delta * delta).sum(1)
+    del scaled_err
     result.row_losses = (err_sq - fact.lam * delta_sq) / 2
     result.loss = float(result.row_losses.sum())
     result.seconds = time.perf_counter() - start

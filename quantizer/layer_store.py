@@ -30,6 +30,9 @@ class FolderLayerStore:
     def name(index: int) -> str:
         return f"layer_{index:05d}.safetensors"
 
+    def has(self, index: int) -> bool:
+        return self.folder.is_file(self.name(index))
+
     def done(self) -> list[int]:
         return sorted(int(m.group(1)) for n in self.folder.list("layer_") if (m := _NAME.fullmatch(n)))
 

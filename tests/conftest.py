@@ -41,7 +41,7 @@ def default_model():
 @pytest.fixture(scope="session")
 def default_int4(default_model, tmp_path_factory):
     """The README's main job (configs/default.yaml: SmolLM2, int4 g64 sym, act-order with static groups) on
-    64 calibration samples of ≤ 256 tokens, made once per test run through the pipeline and shared read-only
+    32 calibration samples of ≤ 256 tokens, made once per test run through the pipeline and shared read-only
     by the tests that need the real model quantized (quality, vLLM, serving) — across pytest-xdist's workers
     too: the first to need it makes it, under a lock, in the directory the workers share."""
     from filelock import FileLock
@@ -54,7 +54,7 @@ def default_int4(default_model, tmp_path_factory):
     out = root / "default-job" / "smollm2-int4"
     with FileLock(str(root / "default-job.lock")):
         if not (out / "quantize_report.json").is_file():
-            Driver(load_job(DEFAULT_JOB, {"output_dir": str(out), "calibration.num_samples": 64,
+            Driver(load_job(DEFAULT_JOB, {"output_dir": str(out), "calibration.num_samples": 32,
                                           "calibration.max_len": 256, "resources.cpus_per_stage": 2})).run()
     return out
 

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from cluster.data_parallel import assign_units
+from cluster.plan import GPU_FLOPS, LINK_BYTES_PER_S, row_split_pays, worker_flops
 from quantizer.errors import ConfigError
 from quantizer.model_io import CheckpointReader
 from tests.test_pipeline import assert_same_tensors, run_job
@@ -26,6 +27,10 @@ def runs(tiny_llama, tmp_path_factory, ray_local):
         reports[name] = run_job(tiny_llama, root / name, **DP, **{"resources.workers": workers})
     reports["w2-collective"] = run_job(tiny_llama, root / "w2-collective", **DP, **{
         "resources.workers": 2, "resources.transport": "collective"})
+    with pytest.MonkeyPatch.context() as patch:  # the driver assigns units in this process: rank 0 solves all
+        patch.setattr("cluster.data_parallel.assign_units",
+                      lambda reader, index, groups, *_: {u: (0,) for group in groups for u in group})
+        reports["w2-whole"] = run_job(tiny_llama, root / "w2-whole", **DP, **{"resources.workers": 2})
     return root, reports
 
 
@@ -60,10 +65,42 @@ def test_report_has_per_phase_times_and_bytes_moved(runs):
     assert len(dp["per_layer"]) == 4
     for layer in dp["per_layer"]:
         assert all(layer[k] > 0 for k in ("forward_s", "hessian_s", "solve_s", "broadcast_s"))
-    # each layer: 4 units' Hessians (q/k/v, o, gate/up: 128 inputs; down: 256) from the non-owner worker
-    assert dp["bytes_per_layer"]["hessians"] == (3 * 128 * 128 + 256 * 256) * 4
+    # each layer: 4 units' Hessians (q/k/v, o, gate/up: 128 inputs; down: 256); o and down (128 rows) go from
+    # worker 1 to their owner, q/k/v and gate/up (256 and 512 rows, solved in row shares) both ways
+    assert dp["bytes_per_layer"]["hessians"] == (2 * 128 * 128 + 128 * 128 + 2 * 128 * 128 + 256 * 256) * 4
     assert dp["bytes_per_layer"]["results"] > 0
     assert len({w["pid"] for w in reports["w2"]["stages"][0]["workers"]}) == 2
+
+
+def test_units_solved_in_row_shares_are_the_bits_of_one_worker_solving_them(runs):
+    """A dense layer's passes hold one unit each: every worker solves a share of its rows (q/k/v: 256 rows,
+    gate/up: 512), against the Hessian each summed in worker order — the tensors of one worker solving every
+    unit whole, bit for bit."""
+    root, reports = runs
+    assert_same_tensors(root / "w2", root / "w2-whole")
+    assert reports["w2"]["data_parallel"]["bytes_per_layer"]["hessians"] > \
+        reports["w2-whole"]["data_parallel"]["bytes_per_layer"]["hessians"]  # the shared units' partials go both ways
+
+
+def test_report_has_every_workers_busy_and_idle_time(runs):
+    """Per layer each worker's busy spans (phase, start, end from the layer's start) and busy/idle seconds;
+    over the run each worker's seconds per phase and its busy fraction."""
+    _, reports = runs
+    dp = reports["w2"]["data_parallel"]
+    for layer in dp["per_layer"]:
+        timeline = layer["timeline"]
+        assert len(timeline["workers"]) == 2
+        for worker in timeline["workers"]:
+            phases = [span[0] for span in worker["spans"]]
+            assert phases[0] == "load" and "forward" in phases[-2:] and "solve" in phases and "capture" in phases
+            assert all(0 <= t0 <= t1 <= timeline["wall_s"] + 0.5 for _, t0, t1 in worker["spans"])
+            busy = sum(worker["busy_s"].values())
+            assert busy > 0 and worker["idle_s"] == pytest.approx(max(0.0, timeline["wall_s"] - busy), abs=1e-3)
+        # rank 0 checkpoints the layer while its forward runs: the save span is what was left after the forward
+        assert [span[0] for span in timeline["workers"][0]["spans"]][-2:] == ["forward", "save"]
+    totals = dp["worker_time"]
+    assert [t["rank"] for t in totals] == [0, 1]
+    assert all(0 < t["busy_fraction"] <= 1.01 and t["busy_s"]["solve"] > 0 for t in totals)
 
 
 def test_collective_transport_gives_the_object_store_bits(runs):
@@ -113,10 +150,20 @@ def test_moe_auto_calibration_decides_on_the_whole_calibration(moe_runs):
 def test_units_are_owned_by_solve_cost(tiny_llama):
     reader = CheckpointReader(tiny_llama)
     groups = list(reader.arch.layer_units(0))
-    owners = assign_units(reader, 0, groups, 2)  # solve costs rows·in²: 8.4M, 8.4M, 4.2M, 2.1M
-    assert owners == {("mlp.gate_proj", "mlp.up_proj"): 0, ("mlp.down_proj",): 1,
-                      ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): 0, ("self_attn.o_proj",): 1}
-    assert owners == assign_units(reader, 0, groups, 2)
+    cpu = (worker_flops(0, 1), LINK_BYTES_PER_S)
+    owners = assign_units(reader, 0, groups, 2, *cpu)  # solve costs rows·in²: 8.4M, 8.4M, 4.2M, 2.1M
+    assert owners == {("mlp.gate_proj", "mlp.up_proj"): (0,), ("mlp.down_proj",): (1,),
+                      ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): (0,), ("self_attn.o_proj",): (1,)}
+    assert owners == assign_units(reader, 0, groups, 2, *cpu)
+    # a pass of one unit (true-sequential): on CPUs every worker solves a share of its rows, when it has two
+    # shares; on GPUs the Hessians every worker would then send to every other cost more than the solve saves
+    gate_up, o_proj = ("mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj",)
+    assert assign_units(reader, 0, [(gate_up,)], 2, *cpu) == {gate_up: (0, 1)}
+    assert assign_units(reader, 0, [(o_proj,)], 2, *cpu) == {o_proj: (0,)}  # 128 rows: one share
+    assert assign_units(reader, 0, [(gate_up,)], 1, *cpu) == {gate_up: (0,)}
+    assert assign_units(reader, 0, [(gate_up,)], 8, worker_flops(1, 1), LINK_BYTES_PER_S) == {gate_up: (0,)}
+    assert not row_split_pays(29568, 8192, 8, GPU_FLOPS, LINK_BYTES_PER_S)  # Qwen2-72B's down_proj on GPUs
+    assert row_split_pays(3072, 576, 2, worker_flops(0, 1), LINK_BYTES_PER_S)  # SmolLM2's gate/up on CPUs
 
 
 def test_more_workers_than_sequences_or_cluster_resources_are_refused(tiny_llama, tmp_path, ray_local):
@@ -136,3 +183,19 @@ def test_data_parallel_settings_are_validated():
         load_job(None, {"resources.workers": 2, "schedule": "pipelined"})
     assert json.dumps(load_job(None, {"resources.workers": 2}).settings_hash()) != json.dumps(
         load_job(None, {"resources.workers": 3}).settings_hash())
+
+
+def test_sequences_are_split_by_tokens_and_one_worker_gets_the_single_run_batches():
+    import torch
+
+    from cluster.data_parallel import split_sequences
+    from quantizer.calibration import make_batches
+
+    lengths = [5, 300, 17, 256, 128, 64, 250, 9, 90, 200, 31, 77]
+    samples = [torch.arange(n) for n in lengths]
+    (alone,) = split_sequences(samples, 1, 4, 0)
+    assert [b.input_ids.tolist() for b in alone] == [b.input_ids.tolist() for b in make_batches(samples, 4, 0)]
+    shares = split_sequences(samples, 2, 4, 0)
+    tokens = [sum(b.tokens for b in share) for share in shares]
+    assert sum(tokens) == sum(lengths) and abs(tokens[0] - tokens[1]) <= min(lengths)
+    assert split_sequences(samples, 2, 4, 0)[1][0].input_ids.tolist() == shares[1][0].input_ids.tolist()

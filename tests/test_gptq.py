@@ -136,3 +136,31 @@ def test_solve_order_is_recorded_in_quantization_config():
     assert QuantConfig(desc_act=False).to_hf()["meta"]["act_group_aware"] is True
     assert QuantConfig(desc_act=True).to_hf()["meta"]["act_group_aware"] is False  # act-order takes precedence
     assert QuantConfig(act_group_aware=False).to_hf()["meta"]["act_group_aware"] is False
+
+
+@pytest.mark.parametrize("bits,group_size,desc_act,static_groups,sym", [
+    (4, 64, False, False, True), (4, 64, True, False, True), (4, 64, True, True, False), (3, -1, False, False, False),
+    (2, 32, True, False, True), (8, 128, False, False, True)])
+def test_row_shares_solved_apart_are_the_bits_of_one_solve(bits, group_size, desc_act, static_groups, sym):
+    """Data-parallel workers each solve a share of a unit's rows against the same factorization: merged in
+    row order they are the whole solve's codes, grids and per-row losses, bit for bit — on row counts that are
+    not multiples of the share alignment, and whatever the number of shares."""
+    from quantizer.gptq import factorize
+    from quantizer.solvers import SHARE_ALIGN, SolveJob, merge_rows, row_shares, run_job, solve_share
+
+    torch.manual_seed(0)
+    cfg = QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act, static_groups=static_groups, sym=sym)
+    x = torch.randn(2048, 256) * torch.linspace(0.1, 3, 256)
+    fact = factorize(2 * x.T @ x / 2048, cfg)
+    for rows in (1000, 640, 200):
+        job = SolveJob(("w",), torch.randn(rows, 256), fact)
+        whole = run_job(job, cfg)
+        for parts in (2, 3, 8):
+            shares = row_shares(rows, parts)
+            assert [s.start % SHARE_ALIGN for s in shares] == [0] * len(shares)
+            assert all(s.stop - s.start >= SHARE_ALIGN for s in shares) and shares[-1].stop == rows
+            merged = merge_rows([solve_share(job, cfg, k, parts) for k in range(len(shares))])
+            assert solve_share(job, cfg, len(shares), parts) is None
+            for field in ("codes", "scales", "zeros", "g_idx", "row_losses"):
+                assert torch.equal(getattr(merged, field), getattr(whole, field)), (rows, parts, field)
+            assert merged.loss == pytest.approx(whole.loss, rel=1e-6)

@@ -16,30 +16,17 @@ from safetensors.torch import load_file, save_file
 from bench.tiny_families import write_tiny_family
 from quantizer.activations import MemoryStore, TokenBatch
 from quantizer.config import QuantConfig
-from quantizer.engine import LayerReport, LayerWork, StageEngine
+from quantizer.engine import LayerWork, StageEngine
 from quantizer.errors import ConfigError
 from quantizer.fp8 import dequantize
 from quantizer.model_io import CheckpointReader
 from quantizer.passes import chunk_ranges, layer_passes
 from rayquant.cli import main
 from tests.inline_job import quantize_inline
+from tests.test_moe import KeptLayers
 from tests.test_pipeline import checkpoint_tensors
 
 BLOCK = [128, 128]
-
-
-class KeptLayers:
-    """A layer store that keeps what the engine saves (and never resumes)."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[int, dict[str, torch.Tensor]] = {}
-        self.reports: dict[int, LayerReport] = {}
-
-    def load(self, index):
-        return None
-
-    def save(self, index, tensors, report) -> None:
-        self.tensors[index], self.reports[index] = tensors, report
 
 
 def batches(count: int = 2, rows: int = 3, length: int = 24) -> list[TokenBatch]:

@@ -57,12 +57,16 @@ class KeptLayers:
 
     def __init__(self) -> None:
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
+        self.reports: dict = {}
+
+    def has(self, index) -> bool:
+        return False
 
     def load(self, index):
         return None
 
     def save(self, index, tensors, report) -> None:
-        self.tensors[index] = tensors
+        self.tensors[index], self.reports[index] = tensors, report
 
 
 def engine(model: Path, **quant) -> StageEngine:

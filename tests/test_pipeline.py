@@ -188,13 +188,16 @@ def test_driver_memory_does_not_grow_with_model_size(tiny_llama, tmp_path):
 
     wide = write_tiny_model(tmp_path / "wide", "llama", layers=4, hidden=1024, intermediate=4096)
     peaks = {}
+    jobs = {}  # both at once, each with its own local Ray: the peaks are per process
     for name, model in (("tiny", tiny_llama), ("wide", wide)):
-        out = tmp_path / f"out-{name}"
-        args = [sys.executable, "-m", "rayquant.cli", "quantize", "--model", str(model), "--out", str(out),
-                "--num-samples", "8", "--max-len", "32", "--group-size", "128", "--stages", "2"]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        report = json.loads((out / "quantize_report.json").read_text())
+        args = [sys.executable, "-m", "rayquant.cli", "quantize", "--model", str(model), "--out",
+                str(tmp_path / f"out-{name}"), "--num-samples", "8", "--max-len", "32", "--group-size", "128",
+                "--stages", "2", "--cpus-per-stage", "1"]
+        with open(tmp_path / f"{name}.log", "w") as log:
+            jobs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+    for name, job in jobs.items():
+        assert job.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        report = json.loads((tmp_path / f"out-{name}" / "quantize_report.json").read_text())
         peaks[name] = (report["driver_peak_rss_mb"], max(s["peak_rss_mb"] for s in report["stages"]))
     weights_mb = {n: sum(f.stat().st_size for f in m.glob("*.safetensors")) / 2**20
                   for n, m in (("tiny", tiny_llama), ("wide", wide))}

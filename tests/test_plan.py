@@ -120,3 +120,30 @@ def test_671b_and_1t_fp8_releases_plan_within_an_h100(tmp_path, capsys, name, he
     host = float(printed.split("host RAM per worker: about ")[1].split(" GB")[0])
     assert total <= 76 and host <= 64 and 1 <= chunk < experts, printed
     assert "61 layers: about" in printed
+
+
+def test_phase_model_runs_pass_after_pass_and_splits_rows_only_where_it_pays(tmp_path):
+    """The data-parallel phase model walks the passes as the schedule does: on CPU workers a dense layer's
+    one-unit passes are solved in row shares (each worker: 2·rows·in²/W + in³), so two workers take less solve
+    time than one; on GPUs the same units stay whole (their Hessians would cost more to move than the solve
+    saves), the solve time of a pass is then its unit's whole cost, and only the owner receives partials."""
+    from cluster.plan import GPU_FLOPS, LINK_BYTES_PER_S, estimate_phases, worker_flops
+    from tests.synthetic_checkpoint import QWEN2_72B, write_header_only_checkpoint
+
+    reader = CheckpointReader(write_header_only_checkpoint(tmp_path / "qwen2-72b", QWEN2_72B))
+    hidden, mlp = QWEN2_72B["hidden_size"], QWEN2_72B["intermediate_size"]
+    rows = [hidden + 2 * 1024, hidden, 2 * mlp, hidden]  # q/k/v (8 kv heads of 128), o, gate/up, down
+    inputs = [hidden, hidden, hidden, mlp]
+
+    def estimate(workers: int, flops: float):
+        return estimate_phases(reader, 0, mlp, 128 * 2048, workers, 4, flops, LINK_BYTES_PER_S)
+
+    gpu1, gpu8 = estimate(1, GPU_FLOPS), estimate(8, GPU_FLOPS)
+    whole = sum(2 * r * i * i + i**3 for r, i in zip(rows, inputs)) / GPU_FLOPS
+    assert gpu1.solve_s == pytest.approx(whole) and gpu8.solve_s == pytest.approx(whole)
+    assert gpu8.hessian_bytes == sum(i * i * 4 * 7 for i in inputs) and gpu1.hessian_bytes == 0
+    cpu = worker_flops(0, 1)
+    cpu1, cpu2 = estimate(1, cpu), estimate(2, cpu)
+    assert cpu2.solve_s == pytest.approx(sum(2 * r * i * i / 2 + i**3 for r, i in zip(rows, inputs)) / cpu)
+    assert cpu2.solve_s < cpu1.solve_s
+    assert cpu2.hessian_bytes == sum(i * i * 4 * 2 for i in inputs)  # each of the 2 workers sends to the other

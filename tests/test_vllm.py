@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import json
 import platform
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,15 +59,47 @@ def default_checkpoint(default_int4, tmp_path_factory, ray_local):
     return get
 
 
-def _vllm_greedy(engine: VLLMEngine, prompts: list[str], tokens: int) -> list[list[int]]:
+class EngineLoop:
+    """An event loop on its own thread for an in-process vLLM engine that several tests share: vLLM's AsyncLLM
+    binds its output handler to the loop of its first request, so every coroutine runs on this one loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+async def _greedy(engine: VLLMEngine, prompts: list[str], tokens: int) -> list[list[int]]:
     async def one(prompt: str) -> list[int]:
         request = engine.prepare(prompt, [], SamplingParams(max_new_tokens=tokens, temperature=0))
         return [t async for out in engine.outputs(request) for t in out.token_ids]
 
-    async def all_of_them() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
 
-    return asyncio.run(all_of_them())
+
+def _vllm_greedy(engine: VLLMEngine, prompts: list[str], tokens: int) -> list[list[int]]:
+    """Greedy tokens from an engine used by this test alone."""
+    return asyncio.run(_greedy(engine, prompts, tokens))
+
+
+@pytest.fixture(scope="module")
+def default_vllm(default_checkpoint):
+    """vLLM in this process on the session's int4 default checkpoint, with the loop its requests run on."""
+    if KERNEL_PROBLEM:
+        pytest.skip(KERNEL_PROBLEM)
+    engine = VLLMEngine(default_checkpoint(4), "fp16", max_new_tokens_limit=256, max_context=1024, max_batch_size=8,
+                        options=VLLMOptions(kv_cache_gb=0.5))
+    loop = EngineLoop()
+    yield engine, loop
+    engine.shutdown()
+    loop.close()
 
 
 def _library_has_op(library: str, op: str) -> bool:
@@ -94,32 +127,24 @@ def test_probe_on_a_cpu_without_avx512_finds_no_gptq_kernel():
     assert "cpu_gemm_wna16" in probe.problem and "engine: transformers" in probe.problem
 
 
-def test_engine_auto_serves_a_4bit_checkpoint_here(default_checkpoint):
-    """Whichever engine the probe allows: vLLM where its kernel exists, ours elsewhere; ModelInfo says which."""
-    model = default_checkpoint(4)
-    expected = "vllm" if vllm_refusal(model, on_gpu=DEVICE == "cuda") is None else "transformers"
-    config = serve_config(model, engine="auto", max_context=1024, vllm={"kv_cache_gb": 0.5})
-    with running_server(config) as client:
-        info = client.model_info()
-        reply = client.generate(PROMPTS[0], max_new_tokens=8, temperature=0)
-    assert info.engine == expected and info.bits == 4
-    assert reply.usage.completion_tokens >= 1 and reply.text
-
-
 @needs_gptq_kernel
 @pytest.mark.parametrize("bits", [4, pytest.param(8, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="vLLM runs 8-bit GPTQ on GPU kernels only"))])
-def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint, bits):
+def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint, bits, request):
     model = default_checkpoint(bits)
     ours = GenerationEngine(model, kv_cache_dtype="fp16")
     expected = [ours.generate(ours.prepare(p, [], SamplingParams(max_new_tokens=GREEDY_TOKENS, temperature=0))
                               ).token_ids for p in PROMPTS]
-    engine = VLLMEngine(model, "fp16", max_new_tokens_limit=64, max_context=1024, max_batch_size=8,
-                        options=VLLMOptions(kv_cache_gb=0.5))
-    try:
-        got = _vllm_greedy(engine, PROMPTS, GREEDY_TOKENS)
-    finally:
-        engine.shutdown()
+    if bits == 4:
+        engine, loop = request.getfixturevalue("default_vllm")
+        got = loop.run(_greedy(engine, PROMPTS, GREEDY_TOKENS))
+    else:
+        engine = VLLMEngine(model, "fp16", max_new_tokens_limit=64, max_context=1024, max_batch_size=8,
+                            options=VLLMOptions(kv_cache_gb=0.5))
+        try:
+            got = _vllm_greedy(engine, PROMPTS, GREEDY_TOKENS)
+        finally:
+            engine.shutdown()
     # vLLM's CPU kernel (AVX-512 machines) rounds differently from our fp32 path, so a greedy 32-token run of a
     # 135M int4 model may take the other side of a near-tie a few tokens in: every prompt must agree on its
     # first 4 tokens, and at least 6 of the 8 on all 32
@@ -129,12 +154,10 @@ def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint
     assert all(len(t) > 0 for t in got)
 
 
-@needs_gptq_kernel
-def test_vllm_aborts_a_request_whose_caller_went_away(default_checkpoint):
+def test_vllm_aborts_a_request_whose_caller_went_away(default_vllm):
     """Closing a request's output stream (what the server does when its client hangs up or its deadline
     passes) aborts it in vLLM: no unfinished request is left decoding."""
-    engine = VLLMEngine(default_checkpoint(4), "fp16", max_new_tokens_limit=256, max_context=1024, max_batch_size=4,
-                        options=VLLMOptions(kv_cache_gb=0.5))
+    engine, loop = default_vllm
 
     async def hang_up() -> tuple[int, int]:
         request = engine.prepare(PROMPTS[0], [], SamplingParams(max_new_tokens=256, temperature=0))
@@ -145,10 +168,7 @@ def test_vllm_aborts_a_request_whose_caller_went_away(default_checkpoint):
         await asyncio.sleep(0.5)
         return running, engine.engine.get_num_unfinished_requests()
 
-    try:
-        running, left = asyncio.run(hang_up())
-    finally:
-        engine.shutdown()
+    running, left = loop.run(hang_up())
     assert running == 1 and left == 0
 
 
@@ -242,12 +262,30 @@ def test_vllm_reads_our_8bit_checkpoint_config(tiny_llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def vllm_server(default_checkpoint):
+    """One server for the module's vLLM serving tests: `engine: auto`, which takes vLLM where its kernel
+    exists (`engine: vllm` is the same engine, chosen without the probe)."""
     if KERNEL_PROBLEM:
         pytest.skip(KERNEL_PROBLEM)
-    config = serve_config(default_checkpoint(4), engine="vllm", max_context=1024,
+    config = serve_config(default_checkpoint(4), engine="auto", max_context=1024,
                           vllm={"kv_cache_gb": 0.5})
     with running_server(config) as client:
         yield config, client
+
+
+def test_engine_auto_serves_a_4bit_checkpoint_here(default_checkpoint, request):
+    """Whichever engine the probe allows: vLLM where its kernel exists (the module's vLLM server is this
+    `engine: auto` server), ours elsewhere; ModelInfo says which."""
+    model = default_checkpoint(4)
+    expected = "vllm" if vllm_refusal(model, on_gpu=DEVICE == "cuda") is None else "transformers"
+    if expected == "vllm":
+        config, client = request.getfixturevalue("vllm_server")
+        assert config.engine == "auto"
+        info, reply = client.model_info(), client.generate(PROMPTS[0], max_new_tokens=8, temperature=0)
+    else:
+        with running_server(serve_config(model, engine="auto", max_context=1024)) as client:
+            info, reply = client.model_info(), client.generate(PROMPTS[0], max_new_tokens=8, temperature=0)
+    assert info.engine == expected and info.bits == 4
+    assert reply.usage.completion_tokens >= 1 and reply.text
 
 
 def test_vllm_engine_answers_the_openai_client_as_grpc(vllm_server):
