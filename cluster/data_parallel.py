@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from cluster.dp_worker import DataParallelWorker, Owners, module_results, pass_totals
-from cluster.plan import LINK_BYTES_PER_S, row_split_pays, worker_flops
+from cluster.plan import LINK_BYTES_PER_S, solving_ranks, worker_flops
 from cluster.progress import JobProgress, StageProgress
 from cluster.timeline import layer_timeline
 from cluster.recovery import Recovery, actor_lost, wait_until_restarted
@@ -56,28 +56,13 @@ def split_sequences(samples: list, workers: int, batch_size: int, pad_id: int) -
 
 def assign_units(reader: CheckpointReader, index: int, groups: list[tuple[Unit, ...]], workers: int,
                  flops: float, link_bytes_per_s: float) -> Owners:
-    """The ranks that solve each unit of a pass. A unit whose solve (rows · in²) costs more than a worker's fair
-    share of the pass — a dense layer's passes hold one unit each — is solved by every worker, a share of its
-    rows each, against the same reduced Hessian, where that pays for the Hessians it moves (`row_split_pays`,
-    on workers of `flops` FLOP/s joined at `link_bytes_per_s`); the rest go whole, largest first, each to the
-    least loaded worker, ties to the lowest rank, so the assignment is the same on every run. Either way the
-    bits are the same (a row's solve does not depend on the other rows)."""
+    """The ranks that solve each unit of a pass (`cluster.plan.solving_ranks` on the units' stacked shapes, for
+    workers of `flops` FLOP/s joined at `link_bytes_per_s`): one owner, or every worker in row shares. Either
+    way the bits are the same (a row's solve does not depend on the other rows)."""
     shapes = reader.linear_shapes(index)
     units = [u for g in groups for u in g]
-    rows = {u: sum(shapes[n][0] for n in u) for u in units}
-    cost = {u: rows[u] * shapes[u[0]][1] ** 2 for u in units}
-    fair = sum(cost.values()) / workers
-    load = [0.0] * workers
-    owners: Owners = {}
-    for unit in sorted(units, key=lambda u: (-cost[u], units.index(u))):
-        if cost[unit] > fair and row_split_pays(rows[unit], shapes[unit[0]][1], workers, flops, link_bytes_per_s):
-            owners[unit] = tuple(range(workers))
-            load = [x + cost[unit] / workers for x in load]
-            continue
-        rank = min(range(workers), key=lambda r: (load[r], r))
-        owners[unit] = (rank,)
-        load[rank] += cost[unit]
-    return {unit: owners[unit] for unit in units}
+    sizes = [(sum(shapes[n][0] for n in u), shapes[u[0]][1]) for u in units]
+    return dict(zip(units, solving_ranks(sizes, workers, flops, link_bytes_per_s)))
 
 
 class DataParallelRun:

@@ -305,6 +305,28 @@ def row_split_pays(rows: int, in_features: int, workers: int, flops: float, link
     return saved > extra
 
 
+def solving_ranks(units: list[tuple[int, int]], workers: int, flops: float, link_bytes_per_s: float
+                  ) -> list[tuple[int, ...]]:
+    """The ranks that solve each unit of a pass, for units given as (stacked rows, in_features), in their order.
+    A unit whose solve (rows · in²) costs more than a worker's fair share of the pass — a dense layer's passes
+    hold one unit each — goes to every worker, a share of its rows each, where `row_split_pays`; the rest go
+    whole, largest first, each to the least loaded worker, ties to the lowest rank, so the assignment is the
+    same on every run. The data-parallel schedule assigns with this, and the phase model estimates with it."""
+    cost = [rows * in_f**2 for rows, in_f in units]
+    fair = sum(cost) / workers
+    load = [0.0] * workers
+    ranks: list[tuple[int, ...]] = [()] * len(units)
+    for k in sorted(range(len(units)), key=lambda k: (-cost[k], k)):
+        if cost[k] > fair and row_split_pays(*units[k], workers, flops, link_bytes_per_s):
+            ranks[k] = tuple(range(workers))
+            load = [x + cost[k] / workers for x in load]
+            continue
+        rank = min(range(workers), key=lambda r: (load[r], r))
+        ranks[k] = (rank,)
+        load[rank] += cost[k]
+    return ranks
+
+
 def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tokens: int, workers: int, bits: int,
                     worker_flops: float, link_bytes_per_s: float, all_experts: bool = True) -> PhaseEstimate:
     """Per-phase seconds of layer `index` under the data-parallel schedule on `workers` workers of
@@ -312,13 +334,12 @@ def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tok
     Forward: the capture passes (each runs the layer up to its units: half a layer on average) and the
     output forward, 2 FLOPs per weight and token, every expert in a sparse layer's down_proj pass when all
     experts are calibrated on every token; Hessians: 2·in² per token and unit. Solves, pass after pass as the
-    schedule runs them (`cluster.data_parallel.assign_units`): a unit costing more than a worker's share of its
-    pass is solved in row shares on every worker where that pays (`row_split_pays`: 2·rows·in²/W each plus
-    the in³ factorization every worker makes), the rest whole (2·rows·in² + in³), largest first to the least
-    loaded worker. Reduce: the W − 1 partial Hessians of each unit to its owner (to every worker for a unit
-    in row shares); broadcast: the packed weights to the W − 1 other workers — both serialized on one link, as
-    the collective transport sends them (an upper bound for the object store). Experts streamed `chunk` at a
-    time add next to nothing: later chunks run the experts block alone on its recorded inputs."""
+    schedule runs them (`solving_ranks`): in row shares on every worker (2·rows·in²/W each plus the in³
+    factorization every worker makes) or whole (2·rows·in² + in³). Reduce: the W − 1 partial Hessians of each
+    unit to its owner (to every worker for a unit in row shares); broadcast: the packed weights to the W − 1
+    other workers — both serialized on one link, as the collective transport sends them (an upper bound for the
+    object store). Experts streamed `chunk` at a time add next to nothing: later chunks run the experts block
+    alone on its recorded inputs."""
     arch, config = reader.arch, reader.config
     groups = layer_groups(reader, index, intermediate, all_experts)
     weights = sum(r * i for units, _ in groups for r, i in units)
@@ -335,19 +356,15 @@ def estimate_phases(reader: CheckpointReader, index: int, intermediate: int, tok
     solve_flops = 0.0
     hessian_bytes = 0.0
     for units, hessians in groups:
-        costs = sorted(((2 * r * i * i + i**3, r, i) for r, i in units), reverse=True)
-        fair = sum(cost for cost, _, _ in costs) / workers
         share = hessians / len(units)  # the units of a group may share Hessians (experts on every token)
         loads = [0.0] * workers
-        for cost, rows, i in costs:
+        for (rows, i), ranks in zip(units, solving_ranks(units, workers, worker_flops, link_bytes_per_s)):
             partials = i * i * 4 * share * (workers - 1)
-            if cost > fair and row_split_pays(rows, i, workers, worker_flops, link_bytes_per_s):
+            hessian_bytes += partials * len(ranks)
+            if len(ranks) > 1:
                 loads = [load + 2 * rows * i * i / workers + i**3 for load in loads]
-                hessian_bytes += partials * workers
             else:
-                k = loads.index(min(loads))
-                loads[k] += cost
-                hessian_bytes += partials
+                loads[ranks[0]] += 2 * rows * i * i + i**3
         solve_flops += max(loads)
     result_bytes = int(weights * bits / 8 * (workers - 1))
     return PhaseEstimate(forward_flops / workers / worker_flops, hessian_flops / workers / worker_flops,

@@ -11,7 +11,7 @@ import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generator, Iterator, Protocol
+from typing import Any, Callable, Generator, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -169,17 +169,20 @@ class StageEngine:
     def float_layer(self, index: int, streamed: bool = False) -> nn.Module:
         """Layer `index` in float; `streamed`: its experts' weights are left out (on the meta device), loaded a
         chunk at a time by LayerWork. Its weights come from `prefetch` when that read them already."""
-        spec = self.arch.spec(index)
-        absent = (lambda name: expert_of(name, spec) is not None) if streamed else None
         ahead, self._prefetched = self._prefetched, None
         state = ahead[1].result() if ahead is not None and ahead[0] == (index, streamed) else \
             self._float_state(index, streamed)
-        return build_float_layer(self.arch, index, state, self.dtype, self.device, absent)
+        return build_float_layer(self.arch, index, state, self.dtype, self.device, self._absent(index, streamed))
+
+    def _absent(self, index: int, streamed: bool) -> Callable[[str], bool] | None:
+        """Which of layer `index`'s modules are left out of its float weights: its experts when `streamed`."""
+        spec = self.arch.spec(index)
+        return (lambda name: expert_of(name, spec) is not None) if streamed else None
 
     def _float_state(self, index: int, streamed: bool) -> dict[str, torch.Tensor]:
         """Layer `index`'s float weights as read from the checkpoint (without its experts when `streamed`)."""
-        spec = self.arch.spec(index)
-        state = self.reader.layer_state(index, (lambda name: expert_of(name, spec) is None) if streamed else None)
+        absent = self._absent(index, streamed)
+        state = self.reader.layer_state(index, None if absent is None else lambda name: not absent(name))
         if self.arch is not self.reader.arch and not self.arch.is_sparse(index):
             state = pad_mlp(state, self.intermediate)
         return state
