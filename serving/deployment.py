@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, NoReturn
@@ -46,6 +47,7 @@ log = logging.getLogger("ray.serve")
 _END = StopIteration  # Serve's marker for "this request's stream is over"
 _NO_OUTPUT = None  # a batch entry for a request that produced nothing at this step
 LOCKDOWN_WAIT_S = 60.0  # how long start_server waits for every proxy to report its hooks and address
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"  # seconds per readiness check of a starting proxy
 
 
 def _refuse(context: RayServegRPCContext | None, code: grpc.StatusCode, exc: Exception) -> NoReturn:
@@ -326,21 +328,37 @@ def start_server(config: ServeConfig) -> bool:
     started = not serve_running()
     if started:
         ray.get(registry.clear.remote())
-        serve.start(http_options={"host": config.host, "port": config.http_port},
-                    grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                    controller_options={"runtime_env": {"env_vars": proxy_env(config.host)}})
+        try:
+            serve.start(http_options={"host": config.host, "port": config.http_port},
+                        grpc_options=gRPCOptions(port=config.grpc_port,
+                                                 grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+                        controller_options={"runtime_env": {"env_vars": controller_env(config.host)}})
+        except BaseException:
+            serve.shutdown()  # a half-started Serve (a proxy that timed out) would refuse every later start
+            raise
     else:
         problems = lockdown_problems(config.host, config.grpc_port)
         if problems:
             raise ConfigError("Serve already runs on this cluster without rayquant's proxy hooks for "
                               f"{config.host}:{config.grpc_port} ({'; '.join(problems)}): stop it (`serve shutdown`) "
                               "or serve on a cluster where Serve is not running yet")
-    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    except BaseException:
+        stop_server(config, started)
+        raise
     problems = wait_until_locked_down(config.host, config.grpc_port, LOCKDOWN_WAIT_S)
     if problems:
         stop_server(config, started)
         raise ConfigError(f"refusing to serve: the gRPC proxy is not locked down ({'; '.join(problems)})")
     return started
+
+
+def controller_env(host: str) -> dict[str, str]:
+    """The Serve controller's environment: the proxy hooks' (`proxy_env`), and a longer readiness check for the
+    proxies it starts. Serve kills a proxy that fails 3 checks of 5 s; one starting beside a quantization job
+    on a busy 2-core node took longer, and `serve.start` failed. 3 × 15 s stays inside serve.start's 60 s wait."""
+    return {**proxy_env(host), PROXY_READY_ENV: os.environ.get(PROXY_READY_ENV, "15")}
 
 
 def serve_running() -> bool:

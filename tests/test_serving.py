@@ -44,8 +44,8 @@ def running_server(config: ServeConfig, api_key: str | None = None) -> Iterator[
 
     start_server(config)
     client = GenerationClient(f"127.0.0.1:{config.grpc_port}", api_key=api_key)
-    client.wait_healthy()
     try:
+        client.wait_healthy()
         yield client
     finally:
         client.close()

@@ -22,6 +22,7 @@ from cluster.job_lock import LOCK_FILE, JobLock
 from cluster.output import COMPLETE_MARKER, OutputTarget
 from quantizer.errors import ConfigError
 from quantizer.storage import Location
+from tests.local_ray import fresh_local_ray, stop_ray
 from tests.test_pipeline import SMALL, assert_same_tensors, checkpoint_tensors, run_job
 
 moto_server = pytest.importorskip("moto.server")
@@ -43,10 +44,12 @@ def s3(tmp_path_factory):
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    fresh_local_ray()  # its workers inherit the AWS_* variables
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     for bucket in ("models", "data", "out"):
         client.create_bucket(Bucket=bucket)
     yield client
+    stop_ray()  # its workers hold the test's credentials
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

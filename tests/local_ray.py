@@ -1,0 +1,35 @@
+"""The local Ray that tests share (tests/conftest.py: module_ray), and how to stop or renew it."""
+
+from __future__ import annotations
+
+LOCAL_RAY = {"address": "local", "num_cpus": 4, "include_dashboard": False, "logging_level": "WARNING"}
+
+
+def stop_ray() -> None:
+    """Shut this process's Ray down and forget any Serve client of it (a client left by a failed test would send
+    the next cluster's calls to this one's dead controller)."""
+    import ray
+    from ray.serve.context import _set_global_client
+
+    _set_global_client(None)
+    ray.shutdown()
+
+
+def fresh_local_ray() -> None:
+    """A new local Ray, for a module whose Ray workers must inherit an environment it has just set."""
+    import ray
+
+    if ray.is_initialized():
+        stop_ray()
+    ray.init(**LOCAL_RAY)
+
+
+def actors_left() -> list[str]:
+    """Actors of this process's Ray still alive, the proxy hooks' registry aside (detached, and cleared by
+    every server start)."""
+    import ray
+
+    from serving.proxy_hooks import REGISTRY_NAME
+
+    return [a.get("Name") or a.get("ActorClassName", "?") for a in ray._private.state.actors().values()
+            if a.get("State") != "DEAD" and a.get("Name") != REGISTRY_NAME]
