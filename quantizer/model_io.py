@@ -191,19 +191,54 @@ class CheckpointReader:
                 out[module] = tensor
         return out
 
+    def load_rows(self, name: str, rows: range) -> torch.Tensor:
+        """Rows `rows` (along the first dimension) of one tensor, read without the others: a chunk of the experts
+        of a tensor that stores them all ([experts, …])."""
+        file = self.tensors[name].file
+        try:
+            with safe_open(self.source.fetch(file), framework="pt") as f:
+                return f.get_slice(name)[rows.start:rows.stop]
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"could not read {name} from {self.source.description}/{file}: {exc}") from exc
+
     def layer_state(self, index: int, wanted: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
         """Layer `index`'s float tensors, named as in its modules (relative to the layer; experts per expert).
-        `wanted`: only the tensors whose relative name it accepts; the others are not read from disk, except
-        experts stored fused (one tensor for all experts: read whole, then cut)."""
+        `wanted`: only the tensors whose relative name it accepts; the others are not read from disk — of
+        experts stored fused (one tensor for all of a block's experts), only the rows of the wanted experts."""
         prefix = self.arch.layer_prefix(index) + "."
         names = self.layer_tensor_names(index)
-        if wanted is not None:
-            fused = set(self.arch.spec(index).experts)
-            relative = {n: self.arch.names.to_module[n][len(prefix):] for n in names}
-            names = [n for n in names if wanted(relative[n]) or relative[n].rpartition(".")[0] in fused]
-        state = {k[len(prefix):]: v for k, v in self.load_modules(names).items()}
-        state = self.arch.split_fused(index, state)
-        return state if wanted is None else {k: v for k, v in state.items() if wanted(k)}
+        if wanted is None:
+            return self.arch.split_fused(index, {k[len(prefix):]: v for k, v in self.load_modules(names).items()})
+        blocks = set(self.arch.spec(index).experts)
+        relative = {n: self.arch.names.to_module[n][len(prefix):] for n in names}
+        fused = [n for n in names if relative[n].rpartition(".")[0] in blocks]
+        plain = [n for n in names if n not in fused and wanted(relative[n])]
+        state = self.arch.split_fused(index, {k[len(prefix):]: v for k, v in self.load_modules(plain).items()})
+        state.update(self._fused_experts(index, fused, relative, wanted))
+        return {k: v for k, v in state.items() if wanted(k)}
+
+    def _fused_experts(self, index: int, names: list[str], relative: dict[str, str], wanted: Callable[[str], bool]
+                       ) -> dict[str, torch.Tensor]:
+        """The wanted experts of tensors stored fused ([experts, …]), per expert: rows first…last of the wanted
+        experts read alone, then cut. Tensors transformers concatenates on load, or FP8 ones (their scales are
+        blocked by 128 rows), are read whole and cut."""
+        if not names:
+            return {}
+        blocks = self.arch.spec(index).experts
+        per_expert = self.arch.split_fused(index, dict.fromkeys((relative[n] for n in names), None))
+        need = sorted({_expert_number(k, blocks) for k in per_expert if wanted(k)})
+        if not need:
+            return {}
+        prefix = self.arch.layer_prefix(index) + "."
+        whole = [n for n in names if self.arch.names.to_module[n] in self.arch.names.merged
+                 or (self.fp8 is not None and n in self.fp8.scales)]
+        if whole:
+            return self.arch.split_fused(index, {k[len(prefix):]: v for k, v in self.load_modules(names).items()})
+        rows = range(need[0], need[-1] + 1)
+        split = self.arch.split_fused(index, {relative[n]: self.load_rows(n, rows) for n in names})
+        return {_renumbered(k, blocks, rows.start): v for k, v in split.items()}
 
     def embedding_info(self) -> TensorInfo:
         return self.tensors[self.arch.names.disk_name(self.arch.embed + ".weight")]
@@ -215,3 +250,16 @@ class CheckpointReader:
         head = self.head_names()
         weight = next((n for n in head if n.endswith(".weight")), None)
         return self.load([weight])[weight] if weight else self.embedding_weight()  # tied embeddings
+
+
+def _expert_number(name: str, blocks: list[str]) -> int:
+    """The expert of a per-expert tensor name ("mlp.experts.7.down_proj.weight" → 7)."""
+    block = next(b for b in blocks if name.startswith(b + "."))
+    return int(name[len(block) + 1:].partition(".")[0])
+
+
+def _renumbered(name: str, blocks: list[str], first: int) -> str:
+    """A per-expert name cut from rows first… of a fused tensor, numbered as in the whole block."""
+    block = next(b for b in blocks if name.startswith(b + "."))
+    number, _, rest = name[len(block) + 1:].partition(".")
+    return f"{block}.{int(number) + first}.{rest}"

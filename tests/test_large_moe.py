@@ -250,3 +250,28 @@ def test_fp8_non_finite_weight_stops_naming_the_tensor(fp8_model, tmp_path):
     with pytest.raises(ConfigError, match=f"{name}: the dequantized FP8 weight holds NaN/Inf"):
         quantize_inline(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_fused_experts_are_read_a_chunk_at_a_time(moe_families, monkeypatch):
+    """gpt-oss and Llama 4 store a block's experts as one tensor per projection ([experts, …]): a chunk reads
+    only its experts' rows from disk, the layer without its experts reads none of them, and both give the
+    tensors of a whole read."""
+    from quantizer.passes import expert_of
+
+    reads: list[tuple[str, range]] = []
+    load_rows = CheckpointReader.load_rows
+    monkeypatch.setattr(CheckpointReader, "load_rows",
+                        lambda self, name, rows: reads.append((name, rows)) or load_rows(self, name, rows))
+    for family in ("gpt_oss", "llama4_text"):
+        reader = CheckpointReader(moe_families[family])
+        index = next(i for i in range(reader.num_layers) if reader.arch.is_sparse(i))
+        spec = reader.arch.spec(index)
+        whole = reader.layer_state(index)
+        reads.clear()
+        chunk = reader.layer_state(index, lambda k: expert_of(k, spec) in {1, 2})
+        assert chunk and sorted(chunk) == sorted(k for k in whole if expert_of(k, spec) in {1, 2})
+        assert all(torch.equal(v, whole[k]) for k, v in chunk.items())
+        assert reads and all(rows == range(1, 3) for _, rows in reads), reads
+        reads.clear()
+        rest = reader.layer_state(index, lambda k: expert_of(k, spec) is None)
+        assert not reads and rest and sorted(rest) == sorted(k for k in whole if expert_of(k, spec) is None)
