@@ -87,7 +87,7 @@ class DataParallelWorker:
                  num_layers: int) -> None:
         self.rank, self.world = rank, world
         self.reader, self.layer_store, self.engine = stage_engine(model, range(num_layers), qcfg, layers_url, threads,
-                                                                  MemoryStore(), LocalSolver())
+                                                                  MemoryStore(), LocalSolver(), emit_outputs=False)
         self.handles: list[ActivationChunk] = []
         self.position = 0  # the layer whose inputs self.handles hold
         self.work: LayerWork | None = None
@@ -250,8 +250,11 @@ class DataParallelWorker:
         e = self.engine
         if index != self.position:
             raise RuntimeError(f"worker {self.rank} holds the inputs of layer {self.position}, not {index}")
-        layer = build_quantized_layer(e.arch, index, tensors, e.qcfg, e.dtype, e.device)
-        self.handles = [e.forward_layer(layer, index, chunk) for chunk in self.handles]
+        if index == e.layers[-1] and not e.emit_outputs:  # the model's last layer: nothing reads its outputs
+            self.handles = []
+        else:
+            layer = build_quantized_layer(e.arch, index, tensors, e.qcfg, e.dtype, e.device)
+            self.handles = [e.forward_layer(layer, index, chunk) for chunk in self.handles]
         self.position = index + 1
 
     def write_shard(self, folder: str, name: str, layers: range, first: bool, last: bool) -> dict[str, Any]:

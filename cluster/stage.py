@@ -41,16 +41,18 @@ class RayObjectStore:
 
 
 def stage_engine(model: ModelRef, layers: range, qcfg: QuantConfig, layers_url: str, threads: int, store,
-                 solver) -> tuple[CheckpointReader, FolderLayerStore, StageEngine]:
+                 solver, emit_outputs: bool = True) -> tuple[CheckpointReader, FolderLayerStore, StageEngine]:
     """The engine a worker runs: `threads` torch threads (the same everywhere: results must not depend on
-    the split), its device (a GPU when Ray gave it one), fp32 compute on CPU, the checkpoint dtype on GPU."""
+    the split), its device (a GPU when Ray gave it one), fp32 compute on CPU, the checkpoint dtype on GPU;
+    `emit_outputs`: whether anything reads its last layer's outputs."""
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     reader = CheckpointReader(model.open())
     stored = reader.embedding_info().dtype_torch
     dtype = torch.float32 if device == "cpu" else output_dtype(stored)
     layer_store = FolderLayerStore(Location(layers_url))
-    return reader, layer_store, StageEngine(reader, layers, qcfg, store, layer_store, device, dtype, solver)
+    return reader, layer_store, StageEngine(reader, layers, qcfg, store, layer_store, device, dtype, solver,
+                                            emit_outputs)
 
 
 @ray.remote
@@ -64,7 +66,7 @@ class StageWorker:
         self.store = RayObjectStore()
         solver = RaySolver(solve_workers, threads, gpus) if solve_workers > 1 else LocalSolver()
         self.reader, self.layer_store, self.engine = stage_engine(model, layers, qcfg, layers_url, threads, self.store,
-                                                                  solver)
+                                                                  solver, emit_outputs=not last)
         self.device = str(self.engine.device)
         self.bytes_emitted = 0
         self._float_layers: dict[int, torch.nn.Module] = {}

@@ -110,8 +110,12 @@ class StageEngine:
 
     def __init__(self, reader: CheckpointReader, layers: range, qcfg: QuantConfig, store: ActivationStore,
                  layer_store: LayerStore | None = None, device: str = "cpu",
-                 compute_dtype: torch.dtype = torch.float32, solver: Solver | None = None) -> None:
+                 compute_dtype: torch.dtype = torch.float32, solver: Solver | None = None,
+                 emit_outputs: bool = True) -> None:
+        """emit_outputs: whether anything reads the last layer's quantized outputs (False for the job's last stage:
+        its last layer is then not run forward, one layer's forward saved)."""
         self.reader, self.layers, self.qcfg = reader, layers, qcfg
+        self.emit_outputs = emit_outputs
         self.arch = compute_architecture(reader, qcfg)
         self.store, self.layer_store = store, layer_store
         self.solver = solver or LocalSolver()
@@ -199,7 +203,7 @@ class StageEngine:
         """Quantize every layer of the stage. `inputs` are store handles of the first layer's inputs.
 
         Yields what it is doing (StagePhase) and one report per finished layer; afterwards `self.outputs`
-        holds the handles of the last layer's outputs.
+        holds the handles of the last layer's outputs (none without `emit_outputs`).
         """
         handles = inputs
         for index in self.layers:
@@ -211,17 +215,26 @@ class StageEngine:
                 report = dataclasses.replace(old, resumed=True, started=report.started)
             else:
                 tensors = yield from self._quantize_layer(index, handles, report)
-            yield StagePhase(index, "forward through the quantized layer" if saved is None else
-                             "replaying the finished layer from its checkpoint")
+            saving = None
+            if saved is None and self.layer_store:  # written while the forward runs (it only reads the tensors)
+                report.peak_rss_mb = peak_rss_mb()
+                saving = self.background.submit(self.layer_store.save, index, tensors,
+                                                dataclasses.replace(report, seconds=time.perf_counter() - start))
             if not (self.layer_store and self.layer_store.has(index + 1)):
                 self.prefetch(index + 1)
-            layer = build_quantized_layer(self.arch, index, tensors, self.qcfg, self.dtype, self.device)
-            handles = [self.store.put(self.forward_layer(layer, index, self.store.get(h))) for h in handles]
+            if index == self.layers[-1] and not self.emit_outputs:
+                handles = []
+            else:
+                yield StagePhase(index, "forward through the quantized layer" if saved is None else
+                                 "replaying the finished layer from its checkpoint")
+                layer = build_quantized_layer(self.arch, index, tensors, self.qcfg, self.dtype, self.device)
+                handles = [self.store.put(self.forward_layer(layer, index, self.store.get(h))) for h in handles]
+            if saving is not None:
+                yield StagePhase(index, "writing the layer's checkpoint")
+                saving.result()
             report.seconds = time.perf_counter() - start
             report.finished = time.time()
             report.peak_rss_mb = peak_rss_mb()
-            if saved is None and self.layer_store:
-                self.layer_store.save(index, tensors, report)
             yield report
         self.outputs = handles
 

@@ -24,9 +24,10 @@ from quantizer.storage import Location
 from tests.test_pipeline import SMALL
 
 
-def quantize_inline(model: Path, out: Path, **overrides) -> list[LayerReport]:
+def quantize_inline(model: Path, out: Path, emit_outputs: bool = False, **overrides) -> list[LayerReport]:
     """Quantize `model` into `out` as a one-stage job with the tests' SMALL settings (+ overrides), on one
-    torch thread as a one-CPU stage actor computes; returns the layer reports."""
+    torch thread as a one-CPU stage actor computes; returns the layer reports. `emit_outputs`: also run the
+    model's last layer forward (a job's last stage does not)."""
     job = load_job(None, {**SMALL, "model": str(model), "output_dir": str(out), **overrides})
     reader = CheckpointReader(model)
     tokenizer = AutoTokenizer.from_pretrained(reader.model_dir)
@@ -37,7 +38,8 @@ def quantize_inline(model: Path, out: Path, **overrides) -> list[LayerReport]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = StageEngine(reader, range(reader.num_layers), job.quant, MemoryStore(), layer_store)
+        engine = StageEngine(reader, range(reader.num_layers), job.quant, MemoryStore(), layer_store,
+                             emit_outputs=emit_outputs)
         reports = [r for r in engine.quantize([engine.embed(b) for b in batches]) if isinstance(r, LayerReport)]
     finally:
         torch.set_num_threads(threads)

@@ -127,6 +127,24 @@ def test_killed_driver_resumes_with_the_same_command(tiny_llama, one_stage, tmp_
     assert_same_tensors(one_stage[0], out)
 
 
+def test_the_last_layer_is_checkpointed_without_running_it_forward(tiny_llama, tmp_path, monkeypatch):
+    """Nothing reads the outputs of the model's last layer: a job's last stage checkpoints it and does not push
+    the calibration through it; every other layer's outputs are computed, and the checkpoint is the same."""
+    from quantizer.engine import StageEngine
+    from tests.inline_job import quantize_inline
+
+    forwarded: list[int] = []
+    forward = StageEngine.forward_layer
+    monkeypatch.setattr(StageEngine, "forward_layer",
+                        lambda self, layer, index, chunk: forwarded.append(index) or forward(self, layer, index, chunk))
+    reports = quantize_inline(tiny_llama, tmp_path / "last-stage")
+    without, forwarded[:] = sorted(set(forwarded)), []
+    quantize_inline(tiny_llama, tmp_path / "emitting", emit_outputs=True)
+    assert without == [0, 1, 2] and sorted(set(forwarded)) == [0, 1, 2, 3]
+    assert [r.layer for r in reports] == [0, 1, 2, 3] and all(r.seconds > 0 for r in reports)
+    assert_same_tensors(tmp_path / "emitting", tmp_path / "last-stage")
+
+
 def test_resume_with_changed_settings_is_refused_and_keeps_work(tiny_llama, tmp_path, ray_local):
     open_work_dir(OutputTarget(str(tmp_path / "changed")).work, "0123456789abcdef", restart=False)
     marker = layers_dir(tmp_path / "changed") / "layer_00000.safetensors"

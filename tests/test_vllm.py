@@ -89,19 +89,6 @@ def _vllm_greedy(engine: VLLMEngine, prompts: list[str], tokens: int) -> list[li
     return asyncio.run(_greedy(engine, prompts, tokens))
 
 
-@pytest.fixture(scope="module")
-def default_vllm(default_checkpoint):
-    """vLLM in this process on the session's int4 default checkpoint, with the loop its requests run on."""
-    if KERNEL_PROBLEM:
-        pytest.skip(KERNEL_PROBLEM)
-    engine = VLLMEngine(default_checkpoint(4), "fp16", max_new_tokens_limit=256, max_context=1024, max_batch_size=8,
-                        options=VLLMOptions(kv_cache_gb=0.5))
-    loop = EngineLoop()
-    yield engine, loop
-    engine.shutdown()
-    loop.close()
-
-
 def _library_has_op(library: str, op: str) -> bool:
     """Read the extension file itself: does it define the op's name at all?"""
     vllm_dir = Path(importlib.util.find_spec("vllm").origin).parent
@@ -127,40 +114,47 @@ def test_probe_on_a_cpu_without_avx512_finds_no_gptq_kernel():
     assert "cpu_gemm_wna16" in probe.problem and "engine: transformers" in probe.problem
 
 
-@needs_gptq_kernel
-@pytest.mark.parametrize("bits", [4, pytest.param(8, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="vLLM runs 8-bit GPTQ on GPU kernels only"))])
-def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint, bits, request):
-    model = default_checkpoint(bits)
-    ours = GenerationEngine(model, kv_cache_dtype="fp16")
-    expected = [ours.generate(ours.prepare(p, [], SamplingParams(max_new_tokens=GREEDY_TOKENS, temperature=0))
-                              ).token_ids for p in PROMPTS]
-    if bits == 4:
-        engine, loop = request.getfixturevalue("default_vllm")
-        got = loop.run(_greedy(engine, PROMPTS, GREEDY_TOKENS))
-    else:
-        engine = VLLMEngine(model, "fp16", max_new_tokens_limit=64, max_context=1024, max_batch_size=8,
-                            options=VLLMOptions(kv_cache_gb=0.5))
-        try:
-            got = _vllm_greedy(engine, PROMPTS, GREEDY_TOKENS)
-        finally:
-            engine.shutdown()
-    # vLLM's CPU kernel (AVX-512 machines) rounds differently from our fp32 path, so a greedy 32-token run of a
-    # 135M int4 model may take the other side of a near-tie a few tokens in: every prompt must agree on its
-    # first 4 tokens, and at least 6 of the 8 on all 32
-    identical = sum(a == b for a, b in zip(expected, got))
-    differ = [(p, a, b) for p, a, b in zip(PROMPTS, expected, got) if a != b]
-    assert identical >= 6 and all(a[:4] == b[:4] for a, b in zip(expected, got)), differ
-    assert all(len(t) > 0 for t in got)
+@pytest.fixture(scope="module")
+def bf16_vllm(tmp_path_factory, ray_local):
+    """vLLM in this process on a tiny bf16 model's GPTQ checkpoint ("auto" dtype), with the loop its requests
+    run on; returns (checkpoint, engine, loop)."""
+    from serving.engine import serving_dtype
+    from tests.test_pipeline import run_job
+    from tests.tiny_models import write_tiny_model
+
+    if KERNEL_PROBLEM:
+        pytest.skip(KERNEL_PROBLEM)
+    root = tmp_path_factory.mktemp("vllm-bf16")
+    model = write_tiny_model(root / "bf16", "llama", dtype=torch.bfloat16)
+    out = root / "bf16-gptq"
+    run_job(model, out, stages=1, **{"quant.static_groups": True})
+    engine = VLLMEngine(out, "fp16", max_new_tokens_limit=960, max_context=1024, max_batch_size=2,
+                        options=VLLMOptions(kv_cache_gb=0.25), dtype=serving_dtype(out, "auto", True))
+    loop = EngineLoop()
+    yield out, engine, loop
+    engine.shutdown()
+    loop.close()
 
 
-def test_vllm_aborts_a_request_whose_caller_went_away(default_vllm):
+def test_vllm_serves_a_bf16_checkpoint_in_bf16(bf16_vllm):
+    """A bf16 model's checkpoint keeps bf16 float tensors, and vLLM computes in bf16 on it ("auto")."""
+    from serving.engine import checkpoint_dtype, serving_dtype
+
+    out, engine, loop = bf16_vllm
+    assert checkpoint_dtype(out) == "bfloat16" and serving_dtype(out, "auto", half_precision=True) == "bfloat16"
+    assert engine.engine.model_config.dtype == torch.bfloat16
+    (tokens,) = loop.run(_greedy(engine, ["Numbers:"], 4))
+    assert len(tokens) >= 1
+
+
+def test_vllm_aborts_a_request_whose_caller_went_away(bf16_vllm):
     """Closing a request's output stream (what the server does when its client hangs up or its deadline
     passes) aborts it in vLLM: no unfinished request is left decoding."""
-    engine, loop = default_vllm
+    _, engine, loop = bf16_vllm
 
     async def hang_up() -> tuple[int, int]:
-        request = engine.prepare(PROMPTS[0], [], SamplingParams(max_new_tokens=256, temperature=0))
+        # 960 tokens: seconds of decoding even for this tiny model, so only an abort ends it within 0.5 s
+        request = engine.prepare(PROMPTS[0], [], SamplingParams(max_new_tokens=960, temperature=0))
         outputs = engine.outputs(request)
         await outputs.__anext__()
         running = engine.engine.get_num_unfinished_requests()
@@ -170,27 +164,6 @@ def test_vllm_aborts_a_request_whose_caller_went_away(default_vllm):
 
     running, left = loop.run(hang_up())
     assert running == 1 and left == 0
-
-
-@needs_gptq_kernel
-def test_vllm_serves_a_bf16_checkpoint_in_bf16(tmp_path, ray_local):
-    """A bf16 model's checkpoint keeps bf16 float tensors, and vLLM computes in bf16 on it ("auto")."""
-    from serving.engine import checkpoint_dtype, serving_dtype
-    from tests.test_pipeline import run_job
-    from tests.tiny_models import write_tiny_model
-
-    model = write_tiny_model(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
-    out = tmp_path / "bf16-gptq"
-    run_job(model, out, stages=1, **{"quant.static_groups": True})
-    assert checkpoint_dtype(out) == "bfloat16" and serving_dtype(out, "auto", half_precision=True) == "bfloat16"
-    engine = VLLMEngine(out, "fp16", max_new_tokens_limit=16, max_context=256, max_batch_size=2,
-                        options=VLLMOptions(kv_cache_gb=0.25), dtype=serving_dtype(out, "auto", True))
-    try:
-        assert engine.engine.model_config.dtype == torch.bfloat16
-        (tokens,) = _vllm_greedy(engine, ["Numbers:"], 4)
-    finally:
-        engine.shutdown()
-    assert len(tokens) >= 1
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +243,39 @@ def vllm_server(default_checkpoint):
                           vllm={"kv_cache_gb": 0.5})
     with running_server(config) as client:
         yield config, client
+
+
+@needs_gptq_kernel
+@pytest.mark.parametrize("bits", [4, pytest.param(8, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="vLLM runs 8-bit GPTQ on GPU kernels only"))])
+def test_vllm_loads_our_checkpoint_and_agrees_with_our_engine(default_checkpoint, bits, request):
+    """int4: the module's vLLM server (behind our gRPC API, all prompts at once; the module's other servers
+    run before it starts, as it stays up to the module's end); int8: vLLM in this process."""
+    model = default_checkpoint(bits)
+    ours = GenerationEngine(model, kv_cache_dtype="fp16")
+    expected = [ours.generate(ours.prepare(p, [], SamplingParams(max_new_tokens=GREEDY_TOKENS, temperature=0))
+                              ).token_ids for p in PROMPTS]
+    if bits == 4:
+        config, client = request.getfixturevalue("vllm_server")
+        assert client.model_info().engine == "vllm"
+        done, failures = concurrent_calls(config.grpc_port, len(PROMPTS), 1, lambda c, n, _: (n, list(c.generate(
+            PROMPTS[n], max_new_tokens=GREEDY_TOKENS, temperature=0).token_ids)))
+        assert not failures, failures
+        got = [tokens for _, tokens in sorted(done)]
+    else:
+        engine = VLLMEngine(model, "fp16", max_new_tokens_limit=64, max_context=1024, max_batch_size=8,
+                            options=VLLMOptions(kv_cache_gb=0.5))
+        try:
+            got = _vllm_greedy(engine, PROMPTS, GREEDY_TOKENS)
+        finally:
+            engine.shutdown()
+    # vLLM's CPU kernel (AVX-512 machines) rounds differently from our fp32 path, so a greedy 32-token run of a
+    # 135M int4 model may take the other side of a near-tie a few tokens in: every prompt must agree on its
+    # first 4 tokens, and at least 6 of the 8 on all 32
+    identical = sum(a == b for a, b in zip(expected, got))
+    differ = [(p, a, b) for p, a, b in zip(PROMPTS, expected, got) if a != b]
+    assert identical >= 6 and all(a[:4] == b[:4] for a, b in zip(expected, got)), differ
+    assert all(len(t) > 0 for t in got)
 
 
 def test_engine_auto_serves_a_4bit_checkpoint_here(default_checkpoint, request):
