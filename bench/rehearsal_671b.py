@@ -89,10 +89,12 @@ def main() -> None:
         for layer in stage["layer_reports"]:
             tokens = layer["expert_tokens"]
             chunks = layer["chunk_seconds"]
+            rss = layer.get("chunk_rss_mb") or []
             rows.append({"layer": layer["layer"], "kind": "MoE" if tokens else "dense",
                          "layer_wall_s": round(layer["seconds"], 1),
                          "experts_per_chunk": layer["experts_per_chunk"] or "-", "chunks": len(chunks) or "-",
                          "chunk_wall_s": f"{min(chunks):.0f}–{max(chunks):.0f}" if chunks else "-",
+                         "chunk_rss_gb": f"{rss[0] / 1024:.1f} → {max(rss) / 1024:.1f}" if rss else "-",
                          "stage_peak_rss_gb": round(stage["peak_rss_mb"] / 1024, 2),
                          "planned_gb": stage["planned_gb"],
                          "rss_vs_plan": round(stage["peak_rss_mb"] / (stage["planned_gb"] * 1024), 3),
@@ -106,7 +108,7 @@ def main() -> None:
                         f"sized the chunk for a {args.memory_gb:g} GB stage; 1 stage, 2 threads, CPU (fp32 compute)",
                         loads)
         write_results(f"rehearsal_{args.family}", rows,
-                      ["layer", "kind", "layer_wall_s", "experts_per_chunk", "chunks", "chunk_wall_s",
+                      ["layer", "kind", "layer_wall_s", "experts_per_chunk", "chunks", "chunk_wall_s", "chunk_rss_gb",
                        "stage_peak_rss_gb", "planned_gb", "rss_vs_plan", "experts_fell_back", "min_expert_tokens",
                        "max_expert_tokens"], meta)
     finally:

@@ -227,8 +227,8 @@ class DataParallelRun:
                             "finished layers on its sequences", rank, index, type(exc).__name__)
             else:  # waiting on the broken group: a new process joins the new one
                 ray.kill(self.workers[rank], no_restart=False)
-        for rank in restart:
-            wait_until_restarted(self.workers[rank], rank)
+        for rank in restart:  # a worker this call killed may answer from its old process until the kill lands
+            wait_until_restarted(self.workers[rank], rank, old_pid=None if rank in lost else self.pids[rank])
         self.pids = ray.get([w.pid.remote() for w in self.workers])
         self._form_group()
         saved = set(self.layer_store.done())

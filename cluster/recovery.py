@@ -44,20 +44,25 @@ class Recovery:
     at: float  # wall-clock time (time.time())
 
 
-def wait_until_restarted(actor, stage: int, timeout_s: float = 600) -> None:
-    """Block until Ray has restarted `actor` (possibly on another node); raises if it is dead for good."""
+def wait_until_restarted(actor, stage: int, timeout_s: float = 600, old_pid: int | None = None) -> None:
+    """Block until Ray has restarted `actor` (possibly on another node); raises if it is dead for good.
+    `old_pid`: the process a kill was just sent to — until the kill lands it may still answer, so wait for
+    another."""
     deadline = time.time() + timeout_s
     while True:
         try:
-            ray.get(actor.pid.remote(), timeout=30)
-            return
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            if ray.get(actor.pid.remote(), timeout=30) != old_pid:
+                return
+            exc: BaseException | None = None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.GetTimeoutError) as err:
+            exc = err
             if actor_state(actor) == "DEAD":
                 raise ConfigError(f"stage {stage}'s actor died more than resources.max_restarts times; finished "
                                   "layers are kept: run the same command again to resume") from exc
-            if time.time() > deadline:
-                raise ConfigError(
-                    f"stage {stage}'s actor was not restarted within {timeout_s:.0f} s: no node has the resources "
-                    "it needs (add a node, or lower resources.cpus_per_stage / gpus_per_stage). Finished layers "
-                    "are kept: run the same command again to resume") from exc
-            time.sleep(0.5)
+        if time.time() > deadline:
+            raise ConfigError(
+                f"stage {stage}'s actor was not restarted within {timeout_s:.0f} s: no node has the resources "
+                "it needs (add a node, or lower resources.cpus_per_stage / gpus_per_stage). Finished layers "
+                "are kept: run the same command again to resume") from exc
+        time.sleep(0.5)

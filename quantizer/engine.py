@@ -47,6 +47,7 @@ class LayerReport:
     expert_fallbacks: dict[str, str] = field(default_factory=dict)  # MoE: unit → fallback used and why
     experts_per_chunk: int = 0  # MoE: experts whose float weights were held at once
     chunk_seconds: list[float] = field(default_factory=list)  # MoE: wall of each expert chunk (load, capture, solve)
+    chunk_rss_mb: list[float] = field(default_factory=list)  # MoE, stage schedules: resident MB after each chunk
     seconds: float = 0.0
     resumed: bool = False
     started: float = 0.0  # wall-clock (time.time()) start and end, for timelines across stages
@@ -91,6 +92,15 @@ class _StopForward(Exception):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, MB (Linux /proc; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_rss_mb()
 
 
 def output_dtype(source: torch.dtype) -> torch.dtype:
@@ -431,6 +441,9 @@ class LayerWork:
     def timed(self, step: Pass, seconds: float) -> None:
         if step.chunk is not None:
             self.report.chunk_seconds[step.chunk] += seconds
+            rss = self.report.chunk_rss_mb
+            rss.extend([0.0] * (step.chunk + 1 - len(rss)))
+            rss[step.chunk] = max(rss[step.chunk], resident_mb())
 
     def hold_experts(self, experts: range) -> None:
         """Float weights for `experts` (read from disk), and none for the others: experts whose every unit is

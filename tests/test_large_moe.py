@@ -79,6 +79,7 @@ def test_experts_streamed_in_chunks_give_the_same_bits(moe_families, family, qua
         experts = len(report.expert_tokens)
         assert report.experts_per_chunk == 3 and len(report.chunk_seconds) == -(-experts // 3)
         assert all(s > 0 for s in report.chunk_seconds)
+        assert len(report.chunk_rss_mb) == len(report.chunk_seconds) and all(m > 50 for m in report.chunk_rss_mb)
         assert whole.reports[index].experts_per_chunk == experts and len(whole.reports[index].chunk_seconds) == 1
 
 
