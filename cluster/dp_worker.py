@@ -250,7 +250,7 @@ class DataParallelWorker:
         e = self.engine
         if index != self.position:
             raise RuntimeError(f"worker {self.rank} holds the inputs of layer {self.position}, not {index}")
-        if index == e.layers[-1] and not e.emit_outputs:  # the model's last layer: nothing reads its outputs
+        if not e.runs_forward(index):  # the model's last layer: nothing reads its outputs
             self.handles = []
         else:
             layer = build_quantized_layer(e.arch, index, tensors, e.qcfg, e.dtype, e.device)

@@ -208,6 +208,10 @@ class StageEngine:
             streamed = self.arch.spec(index).sparse
             self._prefetched = ((index, streamed), self.background.submit(self._float_state, index, streamed))
 
+    def runs_forward(self, index: int) -> bool:
+        """Whether layer `index`'s quantized outputs are computed: not the last layer's without `emit_outputs`."""
+        return self.emit_outputs or index != self.layers[-1]
+
     # ---- quantization -----------------------------------------------------------------------------
     def quantize(self, inputs: list[Any]) -> Iterator[LayerReport | StagePhase]:
         """Quantize every layer of the stage. `inputs` are store handles of the first layer's inputs.
@@ -227,12 +231,11 @@ class StageEngine:
                 tensors = yield from self._quantize_layer(index, handles, report)
             saving = None
             if saved is None and self.layer_store:  # written while the forward runs (it only reads the tensors)
-                report.peak_rss_mb = peak_rss_mb()
-                saving = self.background.submit(self.layer_store.save, index, tensors,
-                                                dataclasses.replace(report, seconds=time.perf_counter() - start))
+                saving = self.background.submit(self.layer_store.save, index, tensors, dataclasses.replace(
+                    report, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb()))
             if not (self.layer_store and self.layer_store.has(index + 1)):
                 self.prefetch(index + 1)
-            if index == self.layers[-1] and not self.emit_outputs:
+            if not self.runs_forward(index):
                 handles = []
             else:
                 yield StagePhase(index, "forward through the quantized layer" if saved is None else

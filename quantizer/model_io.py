@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from quantizer.decoder import Architecture, load_config
 from quantizer.errors import ConfigError
 from quantizer.fp8 import DEQUANTIZED, FP8_DTYPES, BlockFP8, block_size, dequantize, pair_scales
+from quantizer.passes import expert_of
 from quantizer.sources import LocalSource, ModelSource
 
 log = logging.getLogger(__name__)
@@ -226,9 +227,9 @@ class CheckpointReader:
         blocked by 128 rows), are read whole and cut."""
         if not names:
             return {}
-        blocks = self.arch.spec(index).experts
+        spec = self.arch.spec(index)
         per_expert = self.arch.split_fused(index, dict.fromkeys((relative[n] for n in names), None))
-        need = sorted({_expert_number(k, blocks) for k in per_expert if wanted(k)})
+        need = sorted({expert_of(k, spec) for k in per_expert if wanted(k)})
         if not need:
             return {}
         prefix = self.arch.layer_prefix(index) + "."
@@ -238,7 +239,7 @@ class CheckpointReader:
             return self.arch.split_fused(index, {k[len(prefix):]: v for k, v in self.load_modules(names).items()})
         rows = range(need[0], need[-1] + 1)
         split = self.arch.split_fused(index, {relative[n]: self.load_rows(n, rows) for n in names})
-        return {_renumbered(k, blocks, rows.start): v for k, v in split.items()}
+        return {_renumbered(k, spec.experts, rows.start): v for k, v in split.items()}
 
     def embedding_info(self) -> TensorInfo:
         return self.tensors[self.arch.names.disk_name(self.arch.embed + ".weight")]
@@ -250,12 +251,6 @@ class CheckpointReader:
         head = self.head_names()
         weight = next((n for n in head if n.endswith(".weight")), None)
         return self.load([weight])[weight] if weight else self.embedding_weight()  # tied embeddings
-
-
-def _expert_number(name: str, blocks: list[str]) -> int:
-    """The expert of a per-expert tensor name ("mlp.experts.7.down_proj.weight" → 7)."""
-    block = next(b for b in blocks if name.startswith(b + "."))
-    return int(name[len(block) + 1:].partition(".")[0])
 
 
 def _renumbered(name: str, blocks: list[str], first: int) -> str:
