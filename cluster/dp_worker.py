@@ -27,7 +27,8 @@ from cluster.timeline import Timeline
 from quantizer.activations import ActivationChunk, TokenBatch
 from quantizer.config import QuantConfig
 from quantizer.decoder import Unit
-from quantizer.engine import LayerReport, LayerWork, peak_rss_mb
+from quantizer.engine import LayerReport, LayerWork
+from quantizer.host_memory import peak_rss_mb, release_free_heap
 from quantizer.hessian import reduce_in_order
 from quantizer.layer_builder import build_quantized_layer
 from quantizer.result import QuantResult
@@ -140,6 +141,7 @@ class DataParallelWorker:
         transport), applied. Returns this worker's counts (real tokens, routed tokens per gate/up unit, per
         expert when this pass counted them) and timings."""
         self.apply(*previous)
+        release_free_heap()  # the pass before's Hessians and solves
         counted = not self.work.report.expert_tokens
         with self.timeline.span("capture") as span:
             self.accs = self.work.capture(self.work.passes[pass_index], self.handles, settle=False)

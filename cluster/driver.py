@@ -29,7 +29,8 @@ from cluster.stage import StageWorker
 from quantizer.assets import cache_dir, default_model_dir
 from quantizer.calibration import default_calibration_file, make_batches, tokenize_samples
 from quantizer.checkpoint import shard_name, write_metadata
-from quantizer.engine import output_dtype, peak_rss_mb
+from quantizer.engine import output_dtype
+from quantizer.host_memory import peak_rss_mb
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import DENSE_MLP_OUT, compute_architecture, padded_intermediate
 from quantizer.model_io import CheckpointReader

@@ -14,7 +14,8 @@ from cluster.shards import write_layers_shard
 from cluster.solve_workers import RaySolver
 from quantizer.activations import ActivationChunk, TokenBatch
 from quantizer.config import QuantConfig
-from quantizer.engine import LayerReport, StageEngine, StagePhase, output_dtype, peak_rss_mb
+from quantizer.engine import LayerReport, StageEngine, StagePhase, output_dtype
+from quantizer.host_memory import peak_rss_mb
 from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
 from quantizer.solvers import LocalSolver

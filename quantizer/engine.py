@@ -6,8 +6,9 @@ activations between passes live in an ActivationStore (in memory, or Ray's objec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from quantizer.experts import ExpertList
 from quantizer.errors import ConfigError
 from quantizer.gptq import Factorization, factorize
 from quantizer.hessian import HessianAccumulator
+from quantizer.host_memory import peak_rss_mb, release_free_heap, resident_mb
 from quantizer.layer_builder import (
     build_float_layer, build_quantized_layer, compute_architecture, load_float, pad_mlp, padded_intermediate,
     quantized_linear, set_submodule,
@@ -49,7 +51,8 @@ class LayerReport:
     chunk_seconds: list[float] = field(default_factory=list)  # MoE: wall of each expert chunk (load, capture, solve)
     chunk_rss_mb: list[float] = field(default_factory=list)  # MoE, stage schedules: resident MB after each chunk
     seconds: float = 0.0
-    resumed: bool = False
+    resumed: bool = False  # replayed whole from its checkpoint
+    resumed_at_pass: int = 0  # continued from part checkpoints after this many passes (streamed experts)
     started: float = 0.0  # wall-clock (time.time()) start and end, for timelines across stages
     finished: float = 0.0
     peak_rss_mb: float = 0.0
@@ -66,14 +69,30 @@ class StagePhase:
     what: str
 
 
+@dataclass
+class LayerParts:
+    """What the part files of an unfinished layer hold together: the packed tensors so far, the report as of the
+    last part, and the engine's state at that point (`LayerWork.resume` reads it)."""
+    tensors: dict[str, torch.Tensor]
+    report: LayerReport
+    state: dict[str, Any]
+
+
 class LayerStore(Protocol):
-    """Per-layer checkpoints that make a stage resumable."""
+    """Per-layer checkpoints that make a stage resumable, and parts of an unfinished layer (see LayerWork.resume)."""
 
     def has(self, index: int) -> bool: ...
 
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], LayerReport] | None: ...
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None: ...
+
+    def save_part(self, index: int, part: int, tensors: dict[str, torch.Tensor], report: str,
+                  state: dict[str, Any]) -> None: ...
+
+    def load_parts(self, index: int) -> LayerParts | None: ...
+
+    def remove_parts(self, index: int) -> None: ...
 
 
 @dataclass
@@ -88,19 +107,6 @@ class BlockInputs:
 
 class _StopForward(Exception):
     """Raised from a capture hook once the last needed input was seen: the rest of the layer is skipped."""
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def resident_mb() -> float:
-    """This process's resident memory now, MB (Linux /proc; elsewhere its peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return peak_rss_mb()
 
 
 def output_dtype(source: torch.dtype) -> torch.dtype:
@@ -255,7 +261,9 @@ class StageEngine:
                         ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
         yield StagePhase(index, "loading float weights")
         work = LayerWork(self, index, report)
-        for step in work.passes:
+        done = work.resume(self.layer_store) if self.layer_store else 0
+        saving: Future | None = None
+        for k, step in enumerate(work.passes[done:], start=done):
             start = time.perf_counter()
             where = work.describe(step)
             yield StagePhase(index, f"{where}calibration forward ({len(handles)} batches) for {_names(step.groups)}")
@@ -264,7 +272,14 @@ class StageEngine:
                 yield StagePhase(index, f"{where}solving {_names((group,))}")
                 for name, result in self._solve_group(work.layer, group, accs, report):
                     work.apply(name, result)
+            del accs
             work.timed(step, time.perf_counter() - start)
+            if self.layer_store and work.resume_point(k):  # written while the next chunk runs
+                if saving is not None:
+                    saving.result()
+                saving = self.background.submit(self.layer_store.save_part, index, *work.part(k + 1))
+        if saving is not None:
+            saving.result()
         return work.finish()
 
     def _capture(self, layer: nn.Module, index: int, groups: tuple[tuple[Unit, ...], ...], handles: list[Any],
@@ -434,6 +449,8 @@ class LayerWork:
         blocks = {name.rpartition(".")[0] for name in self.spec.experts}
         self.block_inputs = BlockInputs(blocks.pop()) if len(blocks) == 1 and len(self.passes) > 1 else None
         self.tensors: dict[str, torch.Tensor] = {}
+        self._checkpointed: set[str] = set()  # tensors already in a part checkpoint
+        self._parts = 0  # part checkpoints written (or resumed from)
 
     def describe(self, step: Pass) -> str:
         """"experts 32-63 of 256: " for a pass over a chunk of the experts ("" otherwise)."""
@@ -442,11 +459,65 @@ class LayerWork:
         return f"experts {step.experts.start}-{step.experts.stop - 1} of {self.num_experts}: "
 
     def timed(self, step: Pass, seconds: float) -> None:
+        """A pass is done: its freed memory goes back to the OS, its time and the resident size are recorded."""
+        release_free_heap()
         if step.chunk is not None:
             self.report.chunk_seconds[step.chunk] += seconds
             rss = self.report.chunk_rss_mb
             rss.extend([0.0] * (step.chunk + 1 - len(rss)))
             rss[step.chunk] = max(rss[step.chunk], resident_mb())
+
+    def resume_point(self, k: int) -> bool:
+        """Whether the layer is checkpointed after pass k: the next pass starts a new chunk of streamed experts
+        (after the attention part, after each chunk but the last)."""
+        if k + 1 >= len(self.passes):
+            return False
+        step, after = self.passes[k], self.passes[k + 1]
+        return after.chunk is not None and after.chunk != step.chunk
+
+    def _layout(self, passes: int) -> str:
+        """A digest of how the first `passes` passes cut the layer (units and experts): parts written under another
+        chunk size do not resume."""
+        return hashlib.sha256(repr(self.passes[:passes]).encode()).hexdigest()[:16]
+
+    def part(self, passes: int) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any]]:
+        """The next part checkpoint once `passes` passes are done: (part number, the packed tensors new since the
+        last part, the report's JSON, the state `resume` restores)."""
+        new = {k: v for k, v in self.tensors.items() if k not in self._checkpointed}
+        self._checkpointed.update(new)
+        number, self._parts = self._parts, self._parts + 1
+        state = {"part": number, "passes": passes, "layout": self._layout(passes),
+                 "counted_before": {str(k): v for k, v in self.counted_before.items()}}
+        return number, new, json.dumps(dataclasses.asdict(self.report)), state
+
+    def resume(self, store: LayerStore) -> int:
+        """Continue from the layer's part checkpoints, if any: their packed tensors, report and state; the units
+        solved so far take their quantized values (experts already solved stay unloaded: no later pass runs
+        them). Returns the passes already done (0: start from the first)."""
+        saved = store.load_parts(self.index)
+        if saved is None:
+            return 0
+        done = int(saved.state["passes"])
+        if done > len(self.passes) or saved.state["layout"] != self._layout(done):
+            log.warning("layer %d: its part checkpoints were cut into other passes (another experts_per_chunk); "
+                        "quantizing the layer from its start", self.index)
+            store.remove_parts(self.index)
+            return 0
+        for f in dataclasses.fields(LayerReport):
+            if f.name not in ("layer", "started"):
+                setattr(self.report, f.name, getattr(saved.report, f.name))
+        self.report.resumed_at_pass = done
+        self.counted_before = {int(k): v for k, v in saved.state["counted_before"].items()}
+        self.tensors = saved.tensors
+        self._checkpointed, self._parts = set(self.tensors), int(saved.state["part"]) + 1
+        for name in self.spec.linears:
+            if f"{name}.qweight" in self.tensors and expert_of(name, self.spec) is None:
+                packed = quantized_linear(self.tensors, name, self.engine.qcfg, self.engine.dtype,
+                                          self.engine.device, cache_weight=False)
+                self.layer.get_submodule(name).weight.data = packed.dequantized_weight(self.engine.dtype)
+        log.info("layer %d resumes after pass %d of %d (%d packed tensors from its part checkpoints)", self.index,
+                 done, len(self.passes), len(self.tensors))
+        return done
 
     def hold_experts(self, experts: range) -> None:
         """Float weights for `experts` (read from disk), and none for the others: experts whose every unit is

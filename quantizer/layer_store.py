@@ -1,6 +1,8 @@
 """Per-layer checkpoints: one safetensors file per finished layer in a folder (local or object storage),
 written atomically, so a restarted stage — on this cluster or another — skips the layers it already
-quantized."""
+quantized. A sparse layer whose experts are streamed also leaves a part file at each resume point (after its
+attention part, after each chunk of experts), so a stage stopped inside a layer — a 671B MoE layer is minutes on
+GPUs, over an hour on CPUs — resumes at its last finished chunk."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import re
 import torch
 from safetensors.torch import load
 
-from quantizer.engine import LayerReport
+from typing import Any
+
+from quantizer.engine import LayerParts, LayerReport
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"layer_(\d{5})\.safetensors")
+_PART = re.compile(r"layer_(\d{5})\.part_(\d{5})\.safetensors")
 
 
 class FolderLayerStore:
@@ -30,6 +35,10 @@ class FolderLayerStore:
     def name(index: int) -> str:
         return f"layer_{index:05d}.safetensors"
 
+    @staticmethod
+    def part_name(index: int, part: int) -> str:
+        return f"layer_{index:05d}.part_{part:05d}.safetensors"
+
     def has(self, index: int) -> bool:
         return self.folder.is_file(self.name(index))
 
@@ -37,8 +46,51 @@ class FolderLayerStore:
         return sorted(int(m.group(1)) for n in self.folder.list("layer_") if (m := _NAME.fullmatch(n)))
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], report: LayerReport) -> None:
+        """The finished layer (its part files, if any, are removed once it is written)."""
         self.folder.write_tensors(self.name(index), {k: v.contiguous() for k, v in tensors.items()},
                                   {"report": json.dumps(dataclasses.asdict(report))})
+        self.remove_parts(index)
+
+    def save_part(self, index: int, part: int, tensors: dict[str, torch.Tensor], report: str,
+                  state: dict[str, Any]) -> None:
+        """Part `part` (0, 1, …) of unfinished layer `index`: the tensors new since the part before, the report
+        (JSON of the LayerReport as of this part) and the engine's state."""
+        self.folder.write_tensors(self.part_name(index, part), {k: v.contiguous() for k, v in tensors.items()},
+                                  {"report": report, "state": json.dumps(state)})
+
+    def parts(self, index: int) -> list[int]:
+        """Numbers of layer `index`'s part files, ascending."""
+        prefix = f"layer_{index:05d}.part_"
+        return sorted(int(m.group(2)) for n in self.folder.list(prefix) if (m := _PART.fullmatch(n)))
+
+    def load_parts(self, index: int) -> LayerParts | None:
+        """The parts 0 … k of unfinished layer `index` that read back whole, merged (None without part 0); parts
+        after a missing or unreadable one are removed (their work is done again)."""
+        merged: LayerParts | None = None
+        for expected, part in enumerate(self.parts(index)):
+            name = self.part_name(index, part)
+            try:
+                if part != expected:
+                    raise FileNotFoundError(f"part {expected} is missing")
+                data = self.folder.read_bytes(name)
+                length = int.from_bytes(data[:8], "little")
+                metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+                report = LayerReport(**json.loads(metadata["report"]))
+                state = json.loads(metadata["state"])
+                tensors = load(data)
+            except Exception as exc:  # a torn or corrupt part: this one and the later ones are done again
+                log.warning("layer %d's part checkpoint %s/%s is unreadable (%s); resuming before it", index,
+                            self.folder, name, exc)
+                for later in self.parts(index)[expected:]:
+                    self.folder.remove(self.part_name(index, later))
+                break
+            merged = LayerParts({**(merged.tensors if merged else {}), **tensors}, report, state)
+        return merged
+
+    def remove_parts(self, index: int) -> None:
+        """Discard layer `index`'s part files."""
+        for part in self.parts(index):
+            self.folder.remove(self.part_name(index, part))
 
     def report(self, index: int) -> LayerReport:
         """The report saved with a finished layer, read from the file's header alone."""

@@ -58,6 +58,7 @@ class KeptLayers:
     def __init__(self) -> None:
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
         self.reports: dict = {}
+        self.parts: dict[int, list[int]] = {}  # layer → numbers of the part checkpoints saved
 
     def has(self, index) -> bool:
         return False
@@ -67,6 +68,15 @@ class KeptLayers:
 
     def save(self, index, tensors, report) -> None:
         self.tensors[index], self.reports[index] = tensors, report
+
+    def save_part(self, index, part, tensors, report, state) -> None:
+        self.parts.setdefault(index, []).append(part)
+
+    def load_parts(self, index):
+        return None
+
+    def remove_parts(self, index) -> None:
+        self.parts.pop(index, None)
 
 
 def engine(model: Path, **quant) -> StageEngine:
