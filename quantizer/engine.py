@@ -261,7 +261,7 @@ class StageEngine:
                         ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
         yield StagePhase(index, "loading float weights")
         work = LayerWork(self, index, report)
-        done = work.resume(self.layer_store) if self.layer_store else 0
+        done = work.resume(self.layer_store) if self.layer_store and work.streamed else 0
         saving: Future | None = None
         for k, step in enumerate(work.passes[done:], start=done):
             start = time.perf_counter()
@@ -444,6 +444,7 @@ class LayerWork:
         self.passes = layer_passes(self.spec, self.num_experts, engine.qcfg.experts_per_chunk,
                                    engine.qcfg.true_sequential)
         start_chunks(report, self.passes)
+        self.streamed = len({p.chunk for p in self.passes if p.chunk is not None}) > 1  # experts read per chunk
         self.floating: set[int] = set()  # experts whose float weights are loaded
         self.counted_before: dict[int, bool] = {}  # pass step → routed counts were known at the first chunk's pass
         blocks = {name.rpartition(".")[0] for name in self.spec.experts}
@@ -470,15 +471,16 @@ class LayerWork:
     def resume_point(self, k: int) -> bool:
         """Whether the layer is checkpointed after pass k: the next pass starts a new chunk of streamed experts
         (after the attention part, after each chunk but the last)."""
-        if k + 1 >= len(self.passes):
+        if not self.streamed or k + 1 >= len(self.passes):
             return False
         step, after = self.passes[k], self.passes[k + 1]
         return after.chunk is not None and after.chunk != step.chunk
 
-    def _layout(self, passes: int) -> str:
-        """A digest of how the first `passes` passes cut the layer (units and experts): parts written under another
-        chunk size do not resume."""
-        return hashlib.sha256(repr(self.passes[:passes]).encode()).hexdigest()[:16]
+    def _layout(self) -> str:
+        """A digest of how the layer is cut into passes (units and experts) and computed (dtype, device): parts
+        written under another chunk size, or in another precision, do not resume."""
+        what = f"{self.passes!r} {self.engine.dtype} {self.engine.device.type}"
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
 
     def part(self, passes: int) -> tuple[int, dict[str, torch.Tensor], str, dict[str, Any]]:
         """The next part checkpoint once `passes` passes are done: (part number, the packed tensors new since the
@@ -486,21 +488,21 @@ class LayerWork:
         new = {k: v for k, v in self.tensors.items() if k not in self._checkpointed}
         self._checkpointed.update(new)
         number, self._parts = self._parts, self._parts + 1
-        state = {"part": number, "passes": passes, "layout": self._layout(passes),
+        state = {"part": number, "passes": passes, "layout": self._layout(),
                  "counted_before": {str(k): v for k, v in self.counted_before.items()}}
         return number, new, json.dumps(dataclasses.asdict(self.report)), state
 
     def resume(self, store: LayerStore) -> int:
         """Continue from the layer's part checkpoints, if any: their packed tensors, report and state; the units
-        solved so far take their quantized values (experts already solved stay unloaded: no later pass runs
-        them). Returns the passes already done (0: start from the first)."""
+        solved so far take their quantized values (experts already solved become QuantLinear modules, as after
+        their chunk in an uninterrupted run). Returns the passes already done (0: start from the first)."""
         saved = store.load_parts(self.index)
         if saved is None:
             return 0
         done = int(saved.state["passes"])
-        if done > len(self.passes) or saved.state["layout"] != self._layout(done):
-            log.warning("layer %d: its part checkpoints were cut into other passes (another experts_per_chunk); "
-                        "quantizing the layer from its start", self.index)
+        if done > len(self.passes) or saved.state["layout"] != self._layout():
+            log.warning("layer %d: its part checkpoints were cut into other passes (another experts_per_chunk) or "
+                        "computed in another dtype or device; quantizing the layer from its start", self.index)
             store.remove_parts(self.index)
             return 0
         for f in dataclasses.fields(LayerReport):
@@ -510,25 +512,31 @@ class LayerWork:
         self.counted_before = {int(k): v for k, v in saved.state["counted_before"].items()}
         self.tensors = saved.tensors
         self._checkpointed, self._parts = set(self.tensors), int(saved.state["part"]) + 1
-        for name in self.spec.linears:
-            if f"{name}.qweight" in self.tensors and expert_of(name, self.spec) is None:
-                packed = quantized_linear(self.tensors, name, self.engine.qcfg, self.engine.dtype,
-                                          self.engine.device, cache_weight=False)
-                self.layer.get_submodule(name).weight.data = packed.dequantized_weight(self.engine.dtype)
+        solved = {name for name in self.spec.linears if f"{name}.qweight" in self.tensors}
+        for name in solved:
+            if expert_of(name, self.spec) is None:
+                self.layer.get_submodule(name).weight.data = self._packed(name).dequantized_weight(self.engine.dtype)
+        self._pack_experts({e for name in solved if (e := expert_of(name, self.spec)) is not None})
         log.info("layer %d resumes after pass %d of %d (%d packed tensors from its part checkpoints)", self.index,
                  done, len(self.passes), len(self.tensors))
         return done
 
+    def _packed(self, name: str) -> nn.Module:
+        """Projection `name` as a QuantLinear of its packed tensors (dequantized per call)."""
+        return quantized_linear(self.tensors, name, self.engine.qcfg, self.engine.dtype, self.engine.device,
+                                cache_weight=False)
+
+    def _pack_experts(self, experts: set[int]) -> None:
+        """Experts whose every unit is solved become QuantLinear modules of their packed tensors."""
+        for name in self.spec.linears:
+            if expert_of(name, self.spec) in experts:
+                set_submodule(self.layer, name, self._packed(name))
+
     def hold_experts(self, experts: range) -> None:
         """Float weights for `experts` (read from disk), and none for the others: experts whose every unit is
         solved become QuantLinear modules of their packed tensors (later passes and forwards still run them)."""
-        for e in sorted(self.floating - set(experts)):
-            for name in self.spec.linears:
-                if expert_of(name, self.spec) == e:
-                    set_submodule(self.layer, name, quantized_linear(self.tensors, name, self.engine.qcfg,
-                                                                     self.engine.dtype, self.engine.device,
-                                                                     cache_weight=False))
-            self.floating.discard(e)
+        self._pack_experts(self.floating - set(experts))
+        self.floating &= set(experts)
         quantized = {expert_of(name, self.spec) for name in self.spec.linears if f"{name}.qweight" in self.tensors}
         need = set(experts) - self.floating - quantized
         if not need:

@@ -12,6 +12,7 @@ import logging
 import re
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load
 
 from typing import Any
@@ -65,23 +66,27 @@ class FolderLayerStore:
 
     def load_parts(self, index: int) -> LayerParts | None:
         """The parts 0 … k of unfinished layer `index` that read back whole, merged (None without part 0); parts
-        after a missing or unreadable one are removed (their work is done again)."""
+        after a missing or corrupt one are removed (their work is done again). A read that fails (storage
+        unreachable) raises: parts are not discarded for it."""
         merged: LayerParts | None = None
-        for expected, part in enumerate(self.parts(index)):
+        numbers = self.parts(index)
+        for expected, part in enumerate(numbers):
             name = self.part_name(index, part)
-            try:
-                if part != expected:
-                    raise FileNotFoundError(f"part {expected} is missing")
+            why = f"part {expected} is missing" if part != expected else None
+            if why is None:
                 data = self.folder.read_bytes(name)
-                length = int.from_bytes(data[:8], "little")
-                metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
-                report = LayerReport(**json.loads(metadata["report"]))
-                state = json.loads(metadata["state"])
-                tensors = load(data)
-            except Exception as exc:  # a torn or corrupt part: this one and the later ones are done again
-                log.warning("layer %d's part checkpoint %s/%s is unreadable (%s); resuming before it", index,
-                            self.folder, name, exc)
-                for later in self.parts(index)[expected:]:
+                try:
+                    length = int.from_bytes(data[:8], "little")
+                    metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+                    report = LayerReport(**json.loads(metadata["report"]))
+                    state = json.loads(metadata["state"])
+                    tensors = load(data)
+                except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # torn or corrupt
+                    why = str(exc)
+            if why is not None:
+                log.warning("layer %d's part checkpoint %s/%s cannot be used (%s); resuming before it", index,
+                            self.folder, name, why)
+                for later in numbers[expected:]:
                     self.folder.remove(self.part_name(index, later))
                 break
             merged = LayerParts({**(merged.tensors if merged else {}), **tensors}, report, state)

@@ -137,14 +137,14 @@ def test_chunks_cut_the_expert_groups_and_keep_shared_units_last(moe_families):
 
 
 
-@pytest.mark.parametrize("then", ["resume", "torn last part", "another chunk size"])
+@pytest.mark.parametrize("stop,then", [(2, "resume"), (2, "torn last part"), (0, "another chunk size")])
 def test_a_layer_stopped_between_chunks_resumes_at_its_last_checkpointed_chunk(moe_families, tmp_path, monkeypatch,
-                                                                                then):
+                                                                                stop, then):
     """A stage stopped inside a streamed sparse layer (one expert per chunk) — its attention part and two chunks
     of experts checkpointed as parts — continues after the last part that reads back whole: the passes before it
     are not run again, the layer's tensors and losses are the same bits as an uninterrupted run's, and the parts
-    are gone once the layer is saved. Parts cut for another experts_per_chunk are not used: the layer starts over
-    (same bits)."""
+    are gone once the layer is saved. Parts cut for another experts_per_chunk are not used, even the attention
+    part alone: the layer starts over (same bits)."""
     model = moe_families["deepseek_v3"]
     reader = CheckpointReader(model)
     sparse = next(i for i in range(reader.num_layers) if reader.arch.is_sparse(i))
@@ -152,14 +152,14 @@ def test_a_layer_stopped_between_chunks_resumes_at_its_last_checkpointed_chunk(m
     store = FolderLayerStore(Location(str(tmp_path / "layers")))
     cfg = QuantConfig(bits=4, group_size=32, experts_per_chunk=1)
     first = StageEngine(reader, range(reader.num_layers), cfg, MemoryStore(), store)
-    for item in first.quantize([first.embed(b) for b in batches()]):  # stopped as chunk 2 begins
-        if getattr(item, "layer", None) == sparse and str(getattr(item, "what", "")).startswith("experts 2-2 "):
+    for item in first.quantize([first.embed(b) for b in batches()]):  # stopped as chunk `stop` begins
+        if getattr(item, "layer", None) == sparse and str(getattr(item, "what", "")).startswith(f"experts {stop}-"):
             break
     first.background.shutdown(wait=True)
-    assert store.parts(sparse) == [0, 1, 2] and not store.has(sparse)
+    assert store.parts(sparse) == list(range(stop + 1)) and not store.has(sparse)
     passes = layer_passes(reader.arch.spec(sparse), reader.arch.num_experts(sparse), 1, True)
     chunk_start = {p.chunk: k for k, p in reversed(list(enumerate(passes))) if p.chunk is not None}
-    expected = chunk_start[2]
+    expected = chunk_start[stop]
     if then == "torn last part":
         path = tmp_path / "layers" / store.part_name(sparse, 2)
         path.write_bytes(path.read_bytes()[:100])
