@@ -37,6 +37,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (item.path not in heavy, item.path not in RAY_MODULES))
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """The temp directory every pytest-xdist worker of this run shares (the session's own without xdist)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session")
 def default_model():
     return default_model_dir()
@@ -54,8 +60,7 @@ def default_int4(default_model, tmp_path_factory):
     from cluster.driver import Driver
     from cluster.job import load_job
 
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    root = shared_root(tmp_path_factory)
     out = root / "default-job" / "smollm2-int4"
     with FileLock(str(root / "default-job.lock")):
         if not (out / "quantize_report.json").is_file():
@@ -67,6 +72,26 @@ def default_int4(default_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gptq(tmp_path_factory):
+    """tiny_llama quantized by a one-stage pipeline job with the tests' SMALL settings, made once per test run and
+    shared read-only across pytest-xdist's workers (the model is seeded: every worker's tiny_llama is the same):
+    the reference of the pipeline tests, the data-parallel tests' sequential run and the servers' model."""
+    import ray
+    from filelock import FileLock
+
+    from tests.test_pipeline import run_job
+
+    root = shared_root(tmp_path_factory) / "tiny-llama-gptq"
+    out = root / "tiny-gptq"
+    with FileLock(str(root) + ".lock"):
+        if not (out / "quantize_report.json").is_file():
+            if not ray.is_initialized():  # the module's Ray (module_ray) when it runs one
+                ray.init(**LOCAL_RAY)
+            run_job(write_tiny_model(root / "tiny-llama", "llama"), out, stages=1)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -11,18 +11,16 @@ import pytest
 
 from bench.common import free_port
 from serving.client import GenerationClient
+from serving import deployment
 from serving.config import ServeConfig
-from tests.test_pipeline import run_job
 from tests.test_serving import running_server
 
 APP = "autoscaled"
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_llama, tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("autoscale") / "tiny-gptq"
-    run_job(tiny_llama, out, stages=1)
-    return out
+def quantized(tiny_llama_gptq, ray_local):
+    return tiny_llama_gptq
 
 
 def replica_actor_names() -> list[str]:
@@ -105,9 +103,11 @@ def test_load_scales_replicas_up_to_two_and_back_to_one(quantized):
     assert up_s < 120 and down_s < 120
 
 
-def test_a_replica_killed_under_load_costs_only_its_calls_in_flight(quantized):
+def test_a_replica_killed_under_load_costs_only_its_calls_in_flight(quantized, monkeypatch):
     import ray
 
+    # Serve finds a dead replica at its next health check (every 10 s by default): every second here
+    monkeypatch.setattr(deployment, "GenerationService", deployment.GenerationService.options(health_check_period_s=1))
     two = {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2, "target_ongoing_requests": 2}
     cfg = config(quantized, two)
     with running_server(cfg):

@@ -22,7 +22,7 @@ DP = {"schedule": "data_parallel"}
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("dp")
-    reports = {"sequential": run_job(tiny_llama, root / "sequential", stages=1)}
+    reports = {}
     for name, workers in (("w1", 1), ("w2", 2), ("w2-again", 2)):
         reports[name] = run_job(tiny_llama, root / name, **DP, **{"resources.workers": workers})
     reports["w2-collective"] = run_job(tiny_llama, root / "w2-collective", **DP, **{
@@ -34,9 +34,9 @@ def runs(tiny_llama, tmp_path_factory, ray_local):
     return root, reports
 
 
-def test_one_worker_is_the_sequential_schedule_bit_for_bit(runs):
+def test_one_worker_is_the_sequential_schedule_bit_for_bit(runs, tiny_llama_gptq):
     root, _ = runs
-    assert_same_tensors(root / "sequential", root / "w1")
+    assert_same_tensors(tiny_llama_gptq, root / "w1")  # the one-stage job
 
 
 def test_two_workers_rerun_bit_identical_and_match_one_worker(runs):

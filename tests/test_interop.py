@@ -1,18 +1,20 @@
 """Our checkpoints load in transformers' own GPTQ integration (optimum + GPTQModel on CPU) and give
 the logits of our QuantLinear model."""
 
+import importlib.util
 import shutil
 
 import pytest
 import torch
 
-pytest.importorskip("gptqmodel")
-pytest.importorskip("optimum")
+# found without importing them (GPTQModel's import is heavy): only the worker that runs these tests pays it
+if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
+    pytest.skip("the interop extra (gptqmodel, optimum) is not installed", allow_module_level=True)
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from quantizer.loading import load_model  # noqa: E402
-from tests.test_pipeline import run_job  # noqa: E402
+from tests.inline_job import quantize_inline  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -20,9 +22,9 @@ pytestmark = pytest.mark.interop
 @pytest.fixture(scope="module", params=[{"quant.sym": True, "quant.desc_act": False},
                                         {"quant.sym": False, "quant.desc_act": True, "quant.bits": 8}],
                 ids=["4bit-sym", "8bit-asym-act-order"])
-def quantized(request, tiny_llama, tmp_path_factory, ray_local):
+def quantized(request, tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("interop") / "model"
-    run_job(tiny_llama, out, stages=1, **request.param)
+    quantize_inline(tiny_llama, out, **request.param)
     yield out
     shutil.rmtree(out)
 

@@ -47,14 +47,12 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_stage(tiny_llama, tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("runs") / "one-stage"
-    report = run_job(tiny_llama, out, stages=1)
-    return out, report
+def one_stage(tiny_llama_gptq, ray_local):
+    return tiny_llama_gptq
 
 
 def test_three_stages_equal_one_stage_bit_for_bit(tiny_llama, one_stage, tmp_path):
-    out1, report1 = one_stage
+    out1 = one_stage
     report3 = run_job(tiny_llama, tmp_path / "three", stages=3)
     assert_same_tensors(out1, tmp_path / "three")
     assert [s["layers"] for s in report3["stages"]] == [[0, 1], [1, 2], [2, 4]]
@@ -76,7 +74,7 @@ def test_pipelined_stages_work_at_the_same_time(tiny_llama, tmp_path, ray_local)
     s0, s1 = report["stages"]
     assert s1["started"] < s0["finished"] and s0["started"] < s1["finished"]  # busy at once
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    run_job(tiny_llama, tmp_path / "seq", stages=2, **more_work)
+    run_job(tiny_llama, tmp_path / "seq", stages=1, **more_work)  # a sequential job: the same bits at any stage count
     ppl = {name: perplexity(load_model(tmp_path / name), tokenizer, default_eval_file(), window=128, max_windows=4)
            for name in ("seq", "pipe")}
     assert ppl["pipe"] == pytest.approx(ppl["seq"], rel=0.05)
@@ -103,7 +101,7 @@ def test_killed_stage_actor_is_replaced_and_output_unchanged(tiny_llama, one_sta
     driver.run()
     watcher.join()
     assert killed, "the job finished before the stage actor could be killed"
-    assert_same_tensors(one_stage[0], tmp_path / "killed")
+    assert_same_tensors(one_stage, tmp_path / "killed")
 
 
 def test_killed_driver_resumes_with_the_same_command(tiny_llama, one_stage, tmp_path):
@@ -124,7 +122,7 @@ def test_killed_driver_resumes_with_the_same_command(tiny_llama, one_stage, tmp_
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming: " in done.stderr
-    assert_same_tensors(one_stage[0], out)
+    assert_same_tensors(one_stage, out)
 
 
 def test_the_last_layer_is_checkpointed_without_running_it_forward(tiny_llama, tmp_path, monkeypatch):
@@ -198,7 +196,7 @@ def test_qwen2_with_biases_and_padded_mlp(tiny_qwen2, tmp_path, ray_local):
 
 
 @pytest.mark.slow
-def test_driver_memory_does_not_grow_with_model_size(tiny_llama, tmp_path):
+def test_driver_memory_does_not_grow_with_model_size(tiny_llama, tmp_path, ray_local):
     """The driver reads headers and token ids only: a model with ~13× the weights leaves its RSS flat."""
     import json
 
@@ -206,13 +204,14 @@ def test_driver_memory_does_not_grow_with_model_size(tiny_llama, tmp_path):
 
     wide = write_tiny_model(tmp_path / "wide", "llama", layers=4, hidden=1024, intermediate=4096)
     peaks = {}
-    jobs = {}  # both at once, each with its own local Ray: the peaks are per process
+    jobs = {}  # both at once, two drivers on the module's Ray (RAY_ADDRESS): the peaks are per process
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     for name, model in (("tiny", tiny_llama), ("wide", wide)):
         args = [sys.executable, "-m", "rayquant.cli", "quantize", "--model", str(model), "--out",
                 str(tmp_path / f"out-{name}"), "--num-samples", "8", "--max-len", "32", "--group-size", "128",
                 "--stages", "1", "--cpus-per-stage", "1"]
         with open(tmp_path / f"{name}.log", "w") as log:
-            jobs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+            jobs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
     for name, job in jobs.items():
         assert job.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
         report = json.loads((tmp_path / f"out-{name}" / "quantize_report.json").read_text())

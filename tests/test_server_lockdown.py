@@ -51,7 +51,7 @@ def test_a_missing_hook_refuses_to_serve(quantized_tiny, ray_local, monkeypatch)
     """The proxies start without the callback (as if the hook had been dropped): the server refuses, and
     nothing listens on the port afterwards."""
     monkeypatch.setattr(deployment, "proxy_env", lambda host: {})
-    monkeypatch.setattr(deployment, "LOCKDOWN_WAIT_S", 15.0)  # proxies without hooks never report them
+    monkeypatch.setattr(deployment, "LOCKDOWN_WAIT_S", 5.0)  # proxies without hooks never report them
     config = config_for(quantized_tiny)
     with pytest.raises(ConfigError, match="not locked down .*has no rayquant hooks"):
         deployment.start_server(config)

