@@ -32,7 +32,7 @@ from quantizer.engine import LayerReport, StagePhase, start_chunks
 from quantizer.errors import ConfigError
 from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
-from quantizer.passes import layer_passes
+from quantizer.passes import experts_progress, layer_passes
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ class DataParallelRun:
             split = sum(len(ranks) > 1 for ranks in owners.values())
             progress.update(StagePhase(index, f"{chunk}pass {p + 1}/{len(passes)} on {self.world} workers: "
                                               f"calibration forward, then {len(owners)} unit(s) reduced and solved"
-                                              + (f" ({split} in row shares on every worker)" if split else "")))
+                                              + (f" ({split} in row shares on every worker)" if split else ""),
+                                       *experts_progress(step, arch.num_experts(index))))
             metas = [w.capture.remote(p, *previous) for w in self.workers]
             if self.collective:  # the workers exchange partials and results among themselves
                 solved, sent = [w.exchange.remote(p, owners, *metas) for w in self.workers], None

@@ -1,6 +1,6 @@
 """Progress on the driver's log: one line per finished layer per stage, and an overall line from the first
-second on — layers done of all stages, elapsed and remaining time, and what is happening right now
-(loading, a calibration forward, a solve) before the first layer is done."""
+second on — layers done of all stages (a layer whose experts are streamed counts its finished experts),
+elapsed and remaining time, and what is happening right now (loading, a calibration forward, a solve)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class StageProgress:
         self._by_layer: dict[int, LayerReport] = {}
         self._lock = threading.Lock()
         self.phase = "waiting"
+        self.layer: int | None = None  # the layer the last phase was in, since `layer_started` (time.time())
+        self.layer_started = 0.0
+        self.fraction = 0.0  # of that layer: its finished experts, when they are streamed
 
     @property
     def reports(self) -> list[LayerReport]:
@@ -43,6 +46,10 @@ class StageProgress:
         does not replace the report of the run that solved the layer."""
         if isinstance(event, StagePhase):
             self.phase = f"layer {event.layer}: {event.what}"
+            if event.layer != self.layer:
+                self.layer, self.layer_started, self.fraction = event.layer, time.time(), 0.0
+            if event.experts:  # (the phases after the last chunk keep its share until the layer's report)
+                self.fraction = event.experts_done / event.experts
             return
         with self._lock:
             old = self._by_layer.get(event.layer)
@@ -51,6 +58,7 @@ class StageProgress:
             done = len(self._by_layer)
             computed = [r.seconds for r in self._by_layer.values() if not r.resumed]
         self.phase = "finished" if done == self.total else f"layer {event.layer} done"
+        self.layer, self.fraction = None, 0.0
         rate = sum(computed) / len(computed) if computed else 0.0
         width = 20
         bar = "#" * (width * done // self.total) + "-" * (width - width * done // self.total)
@@ -81,12 +89,20 @@ class JobProgress:
             self._thread.join()
 
     def remaining_s(self) -> float | None:
-        """Layers left × the mean solve time per layer so far (divided by the stages that run at once)."""
+        """Layers left × the mean solve time per layer so far (divided by the stages that run at once); before a
+        layer is solved, the time per layer a streamed layer's finished experts project."""
         solved = [s for p in self.stages for s in p.solved_seconds()]
         if not solved:
+            now = time.time()
+            solved = [(now - p.layer_started) / p.fraction for p in self.stages if p.fraction > 0]
+        if not solved:
             return None
-        left = self.total - sum(p.done for p in self.stages)
+        left = self.total - self.done()
         return left * (sum(solved) / len(solved)) / (len(self.stages) if self.parallel else 1)
+
+    def done(self) -> float:
+        """Layers finished, with the finished share of layers whose experts are streamed."""
+        return sum(p.done + p.fraction for p in self.stages)
 
     def line(self) -> str:
         done = sum(p.done for p in self.stages)
@@ -94,7 +110,7 @@ class JobProgress:
         busy = [f"stage {p.stage} {p.phase}" for p in self.stages if p.phase not in ("waiting", "finished")]
         now = "; ".join(busy) if busy else self.activity
         eta = clock(remaining) if remaining is not None else "estimated after the first layer"
-        return (f"progress: {done}/{self.total} layers ({100 * done / max(self.total, 1):.0f}%) | "
+        return (f"progress: {done}/{self.total} layers ({100 * self.done() / max(self.total, 1):.0f}%) | "
                 f"{clock(time.time() - self.started)} elapsed | {eta} left | {now}")
 
     def log_line(self) -> None:

@@ -32,7 +32,7 @@ from quantizer.layer_builder import (
 from quantizer.layer_inputs import LayerInputs, layer_output
 from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
-from quantizer.passes import Pass, expert_of, layer_passes, pass_stop
+from quantizer.passes import Pass, expert_of, experts_progress, layer_passes, pass_stop
 from quantizer.result import QuantResult
 from quantizer.solvers import LocalSolver, Solver, SolveJob, solve_share, split_rows
 
@@ -64,9 +64,12 @@ class LayerReport:
 
 @dataclass
 class StagePhase:
-    """What a stage is doing now (streamed to the driver between LayerReports, for progress)."""
+    """What a stage is doing now (streamed to the driver between LayerReports, for progress); in a layer whose
+    experts are streamed, how many of them are finished (the driver's estimate before the first layer ends)."""
     layer: int
     what: str
+    experts_done: int = 0
+    experts: int = 0  # 0: not a pass over streamed experts
 
 
 @dataclass
@@ -265,11 +268,12 @@ class StageEngine:
         saving: Future | None = None
         for k, step in enumerate(work.passes[done:], start=done):
             start = time.perf_counter()
-            where = work.describe(step)
-            yield StagePhase(index, f"{where}calibration forward ({len(handles)} batches) for {_names(step.groups)}")
+            where, experts = work.describe(step), experts_progress(step, work.num_experts)
+            yield StagePhase(index, f"{where}calibration forward ({len(handles)} batches) for {_names(step.groups)}",
+                             *experts)
             accs = work.capture(step, handles)
             for group in step.groups:
-                yield StagePhase(index, f"{where}solving {_names((group,))}")
+                yield StagePhase(index, f"{where}solving {_names((group,))}", *experts)
                 for name, result in self._solve_group(work.layer, group, accs, report):
                     work.apply(name, result)
             del accs

@@ -37,6 +37,14 @@ def expert_of(name: str | Unit, spec: LayerSpec) -> int | None:
     return None
 
 
+def experts_progress(step: Pass, num_experts: int) -> tuple[int, int]:
+    """(experts of the layer finished before this pass, of how many) for a pass over one chunk of streamed
+    experts — the chunks run in expert order —; (0, 0) for any other pass."""
+    if step.experts is None or len(step.experts) >= num_experts:
+        return 0, 0
+    return step.experts.start, num_experts
+
+
 def chunk_ranges(num_experts: int, chunk: int) -> list[range]:
     """Experts 0 … E-1 in chunks of `chunk` (≤ 0 or ≥ E: one chunk of all)."""
     size = num_experts if chunk <= 0 or chunk >= num_experts else chunk

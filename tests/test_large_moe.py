@@ -154,6 +154,7 @@ def test_a_layer_stopped_between_chunks_resumes_at_its_last_checkpointed_chunk(m
     first = StageEngine(reader, range(reader.num_layers), cfg, MemoryStore(), store)
     for item in first.quantize([first.embed(b) for b in batches()]):  # stopped as chunk `stop` begins
         if getattr(item, "layer", None) == sparse and str(getattr(item, "what", "")).startswith(f"experts {stop}-"):
+            assert (item.experts_done, item.experts) == (stop, reader.arch.num_experts(sparse))  # for progress
             break
     first.background.shutdown(wait=True)
     assert store.parts(sparse) == list(range(stop + 1)) and not store.has(sparse)
