@@ -76,11 +76,8 @@ class FolderLayerStore:
             if why is None:
                 data = self.folder.read_bytes(name)
                 try:
-                    length = int.from_bytes(data[:8], "little")
-                    metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
-                    report = LayerReport(**json.loads(metadata["report"]))
+                    tensors, report, metadata = _parse(data)
                     state = json.loads(metadata["state"])
-                    tensors = load(data)
                 except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # torn or corrupt
                     why = str(exc)
             if why is not None:
@@ -109,14 +106,17 @@ class FolderLayerStore:
         if not self.folder.is_file(name):
             return None
         try:
-            data = self.folder.read_bytes(name)
-            length = int.from_bytes(data[:8], "little")
-            metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
-            report = LayerReport(**json.loads(metadata["report"]))
-            tensors = load(data)
+            tensors, report, _ = _parse(self.folder.read_bytes(name))
         except Exception as exc:  # a torn or corrupt file: quantize that layer again
             log.warning("layer checkpoint %s/%s is unreadable (%s); quantizing layer %d again", self.folder, name,
                         exc, index)
             self.folder.remove(name)
             return None
         return tensors, report
+
+
+def _parse(data: bytes) -> tuple[dict[str, torch.Tensor], LayerReport, dict[str, str]]:
+    """A layer or part file's bytes → (its tensors, the report in its metadata, the whole metadata)."""
+    length = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+    return load(data), LayerReport(**json.loads(metadata["report"])), metadata
