@@ -160,15 +160,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoTokenizer
 
     from quantizer.calibration import default_eval_file
+    from quantizer.decoder import load_tokenizer
     from quantizer.evaluation import perplexity
     from quantizer.loading import load_model
 
     torch.manual_seed(0)
     model = load_model(Path(args.model))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(Path(args.model))
     data = Path(args.data) if args.data else default_eval_file()
     ppl = perplexity(model, tokenizer, data, args.window, args.max_windows)
     print(json.dumps({"model": args.model, "data": str(data), "perplexity": round(ppl, 4)}))

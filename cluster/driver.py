@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from transformers import AutoTokenizer
 
 from cluster.data_parallel import DataParallelRun, split_sequences
 from cluster.job import JobConfig
@@ -29,6 +28,7 @@ from cluster.stage import StageWorker
 from quantizer.assets import cache_dir, default_model_dir
 from quantizer.calibration import default_calibration_file, make_batches, tokenize_samples
 from quantizer.checkpoint import shard_name, write_metadata
+from quantizer.decoder import load_tokenizer
 from quantizer.engine import output_dtype
 from quantizer.host_memory import peak_rss_mb
 from quantizer.errors import ConfigError
@@ -203,7 +203,7 @@ class Driver:
         self.reader = CheckpointReader(self.model.open())
         self.intermediate = padded_intermediate(self.reader.config, job.quant.pad_intermediate_to)
         check_shapes(self.reader, job, self.intermediate)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.reader.model_dir)
+        self.tokenizer = load_tokenizer(self.reader.model_dir, self.reader.config)
         calibration = resolve_calibration(job.calibration_file)
         samples = tokenize_samples(calibration, self.tokenizer, job.calibration)
         self.calibration_sha256 = file_sha256(calibration)

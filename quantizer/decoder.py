@@ -23,7 +23,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers import initialization as hf_init
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
@@ -60,6 +61,19 @@ def load_config(model_dir: Path) -> PretrainedConfig:
         raise ConfigError(f"model_type {model_type!r} ({path}) is not an architecture transformers knows, and "
                           "rayquant never runs a checkpoint's remote code; use a checkpoint of a family "
                           "transformers implements") from exc
+
+
+def load_tokenizer(model_dir: Path, config: PretrainedConfig | None = None) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, resolved with `config` (load_config's reading when None): left to itself,
+    transformers would build a generic config for a model_type it lacks (kimi_k2) and fail on it. Never runs
+    remote code."""
+    config = config if config is not None else load_config(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, config=config, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the tokenizer in {model_dir} does not load without running the checkpoint's code "
+                          f"({exc}); add a tokenizer.json (save the tokenizer with transformers' "
+                          "save_pretrained once, in a trusted environment)") from exc
 
 
 @dataclass(frozen=True)

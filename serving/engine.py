@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoTokenizer
 
+from quantizer.decoder import load_tokenizer
 from quantizer.loading import load_model, quantization_config
 from quantizer.qlinear import QuantLinear
 from serving.kv_cache import KV_CACHE_DTYPES, make_cache
@@ -65,7 +65,7 @@ class GenerationEngine:
         for module in self.model.modules():
             if isinstance(module, QuantLinear):
                 module.cache_weight = cache_dequantized_weights
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.kv_cache_dtype = kv_cache_dtype
         self.max_new_tokens_limit = max_new_tokens_limit
         self.max_context = max_context or int(self.model.config.max_position_embeddings)

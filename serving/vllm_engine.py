@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
+from quantizer.decoder import load_tokenizer
 from quantizer.errors import ConfigError
 from quantizer.loading import quantization_config
 from serving.requests import (GRPC_FIELDS, InvalidRequest, PreparedRequest, SamplingParams, StepOutput, eos_token_ids,
@@ -65,7 +66,7 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         self.model_dir = Path(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         try:
             generation_config = GenerationConfig.from_pretrained(self.model_dir)
         except OSError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from cluster.job import load_job
 from cluster.shards import write_layers_shard
@@ -16,6 +15,7 @@ from quantizer.activations import MemoryStore
 from cluster.driver import resolve_calibration
 from quantizer.calibration import make_batches, tokenize_samples
 from quantizer.checkpoint import shard_name, write_metadata
+from quantizer.decoder import load_tokenizer
 from quantizer.engine import LayerReport, StageEngine, output_dtype
 from quantizer.layer_builder import padded_intermediate
 from quantizer.layer_store import FolderLayerStore
@@ -30,7 +30,7 @@ def quantize_inline(model: Path, out: Path, emit_outputs: bool = False, **overri
     model's last layer forward (a job's last stage does not)."""
     job = load_job(None, {**SMALL, "model": str(model), "output_dir": str(out), **overrides})
     reader = CheckpointReader(model)
-    tokenizer = AutoTokenizer.from_pretrained(reader.model_dir)
+    tokenizer = load_tokenizer(reader.model_dir, reader.config)
     samples = tokenize_samples(resolve_calibration(job.calibration_file), tokenizer, job.calibration)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = make_batches(samples, job.calibration.batch_size, pad)

@@ -15,15 +15,18 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bench.tiny_families import dequantized_reference, write_tiny_family
+from cluster.driver import Driver
+from cluster.job import load_job
 from quantizer.activations import MemoryStore, TokenBatch
 from quantizer.config import QuantConfig
+from quantizer.decoder import load_tokenizer
 from quantizer.engine import StageEngine
 from quantizer.errors import ConfigError
 from quantizer.layer_builder import quantized_linear
 from quantizer.loading import load_model
 from quantizer.model_io import CheckpointReader
 from rayquant.cli import main
-from tests.inline_job import quantize_inline
+from tests.inline_job import SMALL, quantize_inline
 from tests.test_pipeline import assert_same_tensors, checkpoint_tensors, run_job
 from tests.tiny_models import write_tiny_model, write_tiny_moe
 
@@ -209,6 +212,26 @@ def test_kimi_k2_reads_as_deepseek_v3_without_remote_code(tmp_path):
     reader = CheckpointReader(model)
     assert reader.config.model_type == "deepseek_v3" and reader.arch.model_type == "kimi_k2"
     assert reader.arch.layer_units(0)[0] == (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),)
+
+
+def test_kimi_k2_with_yarn_rope_quantizes_and_loads_with_its_tokenizer(tmp_path):
+    """Kimi-K2's config names model_type kimi_k2 and YaRN rope scaling: transformers' tokenizer loader, left to
+    itself, builds a generic config for the unknown type and fails on the YaRN fields. The driver, the inline
+    job and the engines load the tokenizer with the config rayquant resolved."""
+    model = write_tiny_family(tmp_path / "kimi", "deepseek_v3")
+    config = json.loads((model / "config.json").read_text())
+    del config["rope_parameters"]  # the release's config.json is written in the older style
+    config.update(model_type="kimi_k2", rope_theta=50000.0, rope_scaling={
+        "type": "yarn", "factor": 4.0, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 128})
+    (model / "config.json").write_text(json.dumps(config))
+    driver = Driver(load_job(None, {**SMALL, "model": str(model), "output_dir": str(tmp_path / "driven")}))
+    assert driver.calibration_tokens > 0 and driver.tokenizer("Kimi").input_ids
+    out = tmp_path / "out"
+    quantize_inline(model, out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "kimi_k2"
+    ids = load_tokenizer(out)("The quantized Kimi-K2 reads its own tokenizer", return_tensors="pt").input_ids
+    assert torch.isfinite(load_model(out)(ids).logits).all()
 
 
 @pytest.mark.parametrize("method,fix", [("gptq", "quantize the float"), ("awq", "quantize the float"),
