@@ -32,7 +32,7 @@ from quantizer.engine import LayerReport, StagePhase, start_chunks
 from quantizer.errors import ConfigError
 from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
-from quantizer.passes import experts_progress, layer_passes
+from quantizer.passes import experts_label, experts_progress, layer_passes
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,8 @@ class DataParallelRun:
         pending: tuple | None = None
         self.collected = wall
         for p, step in enumerate(passes):
-            chunk = "" if step.experts is None else \
-                f"experts {step.experts.start}-{step.experts.stop - 1} of {arch.num_experts(index)}, "
+            chunk = experts_label(step, arch.num_experts(index))
+            chunk = f"{chunk}, " if chunk else ""
             owners = assign_units(self.reader, index, step.groups, self.world, self.flops, LINK_BYTES_PER_S)
             split = sum(len(ranks) > 1 for ranks in owners.values())
             progress.update(StagePhase(index, f"{chunk}pass {p + 1}/{len(passes)} on {self.world} workers: "

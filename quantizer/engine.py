@@ -32,7 +32,7 @@ from quantizer.layer_builder import (
 from quantizer.layer_inputs import LayerInputs, layer_output
 from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
-from quantizer.passes import Pass, expert_of, experts_progress, layer_passes, pass_stop
+from quantizer.passes import Pass, expert_of, experts_label, experts_progress, layer_passes, pass_stop
 from quantizer.result import QuantResult
 from quantizer.solvers import LocalSolver, Solver, SolveJob, solve_share, split_rows
 
@@ -459,9 +459,8 @@ class LayerWork:
 
     def describe(self, step: Pass) -> str:
         """"experts 32-63 of 256: " for a pass over a chunk of the experts ("" otherwise)."""
-        if step.experts is None or len(step.experts) == self.num_experts:
-            return ""
-        return f"experts {step.experts.start}-{step.experts.stop - 1} of {self.num_experts}: "
+        label = experts_label(step, self.num_experts)
+        return f"{label}: " if label else ""
 
     def timed(self, step: Pass, seconds: float) -> None:
         """A pass is done: its freed memory goes back to the OS, its time and the resident size are recorded."""

@@ -45,6 +45,13 @@ def experts_progress(step: Pass, num_experts: int) -> tuple[int, int]:
     return step.experts.start, num_experts
 
 
+def experts_label(step: Pass, num_experts: int) -> str:
+    """"experts 32-63 of 256" for a pass over one chunk of streamed experts; "" for any other pass."""
+    if step.experts is None or len(step.experts) >= num_experts:
+        return ""
+    return f"experts {step.experts.start}-{step.experts.stop - 1} of {num_experts}"
+
+
 def chunk_ranges(num_experts: int, chunk: int) -> list[range]:
     """Experts 0 … E-1 in chunks of `chunk` (≤ 0 or ≥ E: one chunk of all)."""
     size = num_experts if chunk <= 0 or chunk >= num_experts else chunk
