@@ -12,6 +12,7 @@ replays them on its own sequences — so a job that loses a worker ends with the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -32,7 +33,7 @@ from quantizer.engine import LayerReport, StagePhase, start_chunks
 from quantizer.errors import ConfigError
 from quantizer.layer_store import FolderLayerStore
 from quantizer.model_io import CheckpointReader
-from quantizer.passes import experts_label, experts_progress, layer_passes
+from quantizer.passes import experts_label, experts_progress, layer_passes, part_after, streamed
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
@@ -114,18 +115,28 @@ class DataParallelRun:
         pass's results are applied by the next pass's capture — and the driver reads a pass's outcome once the
         next pass is queued, so within a layer the workers never wait on the driver."""
         started, wall = time.time(), time.perf_counter()
-        begun = [w.begin_layer.remote(index) for w in self.workers]
         arch = self.reader.arch
         passes = layer_passes(arch.spec(index), arch.num_experts(index), self.qcfg.experts_per_chunk,
                               self.qcfg.true_sequential)
         report = LayerReport(layer=index, started=started)
         start_chunks(report, passes)
+        done, begun = 0, []
+        if streamed(passes):  # continue after the layer's part checkpoints: worker 0 reads them first (it discards
+            done, saved = ray.get(self.workers[0].begin_layer.remote(index, True))  # torn ones), then the others
+            others = [d for d, _ in ray.get([w.begin_layer.remote(index, True) for w in self.workers[1:]])]
+            if any(d != done for d in others):
+                raise RuntimeError(f"layer {index}: the workers read its part checkpoints differently (passes done: "
+                                   f"{[done, *others]}); is {self.layer_store.folder} the same storage for all?")
+            report = dataclasses.replace(saved, started=started) if saved is not None else report
+        else:
+            begun = [w.begin_layer.remote(index) for w in self.workers]
         phase = {"layer": index, "forward_s": 0.0, "hessian_s": 0.0, "reduce_s": 0.0, "solve_s": 0.0,
                  "broadcast_s": 0.0, "hessian_bytes": 0, "result_bytes": 0}
         previous: list = []  # the last pass's solve outputs (object store), applied by each worker's next call
         pending: tuple | None = None
+        part_writes: list = []  # worker 0's part checkpoints, each once the passes before it are collected
         self.collected = wall
-        for p, step in enumerate(passes):
+        for p, step in enumerate(passes[done:], start=done):
             chunk = experts_label(step, arch.num_experts(index))
             chunk = f"{chunk}, " if chunk else ""
             owners = assign_units(self.reader, index, step.groups, self.world, self.flops, LINK_BYTES_PER_S)
@@ -143,10 +154,13 @@ class DataParallelRun:
                           for r in range(self.world)]
                 sent, previous = [worker_parts[-1] for worker_parts in parts], solved
             if pending is not None:
-                self._collect(report, phase, *pending)
-            pending = (index, step, begun + metas, solved, sent)
+                self._collect(report, phase, *pending[1:])
+                if part_after(passes, pending[0]):
+                    part_writes.append(self.workers[0].save_part.remote(report))
+            pending = (p, index, step, begun + metas, solved, sent)
             begun = []
-        self._collect(report, phase, *pending)  # the report is whole before worker 0 saves it with the layer
+        self._collect(report, phase, *pending[1:])  # the report is whole before worker 0 saves it with the layer
+        ray.get(part_writes)
         progress.update(StagePhase(index, "forward through the quantized layer"))
         report.finished = time.time()
         report.seconds = time.perf_counter() - wall

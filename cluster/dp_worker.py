@@ -13,8 +13,11 @@ in (`cluster.timeline`).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import ray
@@ -97,6 +100,9 @@ class DataParallelWorker:
         self.timeline = Timeline()  # this layer's busy spans, returned by finish_layer
         self.broadcast_s = 0.0  # this layer's time applying other workers' results (object-store transport)
         self.store = None  # (rank 0, collective transport) the group's store, served by this worker
+        self.first_pass = 0  # the pass the current layer started from (after its part checkpoints, if resumed)
+        self.part: tuple | None = None  # (rank 0) the layer as of the last chunk's start, until `save_part`
+        self.saving_part: Future | None = None  # (rank 0) the part checkpoint being written
 
     def pid(self) -> int:
         return os.getpid()
@@ -121,10 +127,16 @@ class DataParallelWorker:
         self._forward(index, saved[0])
         return time.perf_counter() - start, saved[1]
 
-    def begin_layer(self, index: int) -> None:
+    def begin_layer(self, index: int, resume: bool = False) -> tuple[int, LayerReport | None]:
+        """Load layer `index`'s float weights. With `resume` (a layer whose experts are streamed), continue after
+        its part checkpoints (worker 0 reads them first: it discards torn ones): returns the passes already done
+        and the report saved with them (None when starting from the first pass)."""
         with self.timeline.span("load"):
             self.work = LayerWork(self.engine, index, LayerReport(layer=index, started=time.time()))
+            self.first_pass = self.work.resume(self.layer_store) if resume else 0
         self.engine.hessian_seconds = 0.0
+        self.part = None
+        return self.first_pass, self.work.report if self.first_pass else None
 
     def rendezvous(self) -> str:
         """(Rank 0) host:port of the store the collective group meets at; this worker serves it."""
@@ -142,6 +154,8 @@ class DataParallelWorker:
         expert when this pass counted them) and timings."""
         self.apply(*previous)
         release_free_heap()  # the pass before's Hessians and solves
+        if self.rank == 0 and pass_index > self.first_pass and self.work.resume_point(pass_index - 1):
+            self.part = self.work.part(pass_index)  # every result of the passes before is applied: a part
         counted = not self.work.report.expert_tokens
         with self.timeline.span("capture") as span:
             self.accs = self.work.capture(self.work.passes[pass_index], self.handles, settle=False)
@@ -223,6 +237,21 @@ class DataParallelWorker:
                 self._apply_results([_solved(output) for output in outputs])
             self.broadcast_s += span.seconds
 
+    def save_part(self, report: LayerReport) -> None:
+        """(Worker 0) write the part checkpoint taken as the current chunk began, with `report` — the driver's
+        report of the passes before it —, in the background while the chunk runs."""
+        number, tensors, _, state = self.part
+        self.part = None
+        self.flush()
+        self.saving_part = self.engine.background.submit(self.layer_store.save_part, self.work.index, number,
+                                                         tensors, json.dumps(dataclasses.asdict(report)), state)
+
+    def flush(self) -> None:
+        """Wait for the part checkpoint being written (its errors raise here)."""
+        if self.saving_part is not None:
+            saving, self.saving_part = self.saving_part, None
+            saving.result()
+
     def _apply_results(self, solved: list[dict[str, Any]]) -> None:
         for name, result in module_results(solved, self.reader.linear_shapes(self.work.index)):
             self.work.apply(name, result)
@@ -233,6 +262,7 @@ class DataParallelWorker:
         forward seconds, the seconds spent applying other workers' results (object-store transport: `previous`,
         the last pass's solve outputs, are applied first) and this layer's timeline on this worker."""
         self.apply(*previous)
+        self.flush()  # the layer's file replaces its parts: none may land after it
         index, tensors = self.work.index, self.work.finish()
         self.work = None  # the float layer goes before the quantized one is built
         saving = None

@@ -32,7 +32,8 @@ from quantizer.layer_builder import (
 from quantizer.layer_inputs import LayerInputs, layer_output
 from quantizer.model_io import CheckpointReader
 from quantizer.packing import pack_result
-from quantizer.passes import Pass, expert_of, experts_label, experts_progress, layer_passes, pass_stop
+from quantizer.passes import (Pass, expert_of, experts_label, experts_progress, layer_passes, part_after, pass_stop,
+                              streamed)
 from quantizer.result import QuantResult
 from quantizer.solvers import LocalSolver, Solver, SolveJob, solve_share, split_rows
 
@@ -448,7 +449,7 @@ class LayerWork:
         self.passes = layer_passes(self.spec, self.num_experts, engine.qcfg.experts_per_chunk,
                                    engine.qcfg.true_sequential)
         start_chunks(report, self.passes)
-        self.streamed = len({p.chunk for p in self.passes if p.chunk is not None}) > 1  # experts read per chunk
+        self.streamed = streamed(self.passes)  # experts read per chunk
         self.floating: set[int] = set()  # experts whose float weights are loaded
         self.counted_before: dict[int, bool] = {}  # pass step → routed counts were known at the first chunk's pass
         blocks = {name.rpartition(".")[0] for name in self.spec.experts}
@@ -472,12 +473,8 @@ class LayerWork:
             rss[step.chunk] = max(rss[step.chunk], resident_mb())
 
     def resume_point(self, k: int) -> bool:
-        """Whether the layer is checkpointed after pass k: the next pass starts a new chunk of streamed experts
-        (after the attention part, after each chunk but the last)."""
-        if not self.streamed or k + 1 >= len(self.passes):
-            return False
-        step, after = self.passes[k], self.passes[k + 1]
-        return after.chunk is not None and after.chunk != step.chunk
+        """Whether the layer is checkpointed after pass k (passes.part_after)."""
+        return part_after(self.passes, k)
 
     def _layout(self) -> str:
         """A digest of how the layer is cut into passes (units and experts) and computed (dtype, device): parts

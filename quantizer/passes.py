@@ -52,6 +52,19 @@ def experts_label(step: Pass, num_experts: int) -> str:
     return f"experts {step.experts.start}-{step.experts.stop - 1} of {num_experts}"
 
 
+def streamed(passes: list[Pass]) -> bool:
+    """Whether the layer's experts are read a chunk at a time (more than one chunk)."""
+    return len({p.chunk for p in passes if p.chunk is not None}) > 1
+
+
+def part_after(passes: list[Pass], k: int) -> bool:
+    """Whether a streamed layer is checkpointed (a part) after pass k: the next pass starts a new chunk of experts
+    (after the attention part, after each chunk but the last)."""
+    if not streamed(passes) or k + 1 >= len(passes):
+        return False
+    return passes[k + 1].chunk is not None and passes[k + 1].chunk != passes[k].chunk
+
+
 def chunk_ranges(num_experts: int, chunk: int) -> list[range]:
     """Experts 0 … E-1 in chunks of `chunk` (≤ 0 or ≥ E: one chunk of all)."""
     size = num_experts if chunk <= 0 or chunk >= num_experts else chunk

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -25,9 +26,10 @@ from quantizer.errors import ConfigError
 from quantizer.layer_builder import quantized_linear
 from quantizer.loading import load_model
 from quantizer.model_io import CheckpointReader
+from quantizer.passes import layer_passes
 from rayquant.cli import main
 from tests.inline_job import SMALL, quantize_inline
-from tests.test_pipeline import assert_same_tensors, checkpoint_tensors, run_job
+from tests.test_pipeline import assert_same_tensors, checkpoint_tensors, layers_dir, run_job
 from tests.tiny_models import write_tiny_model, write_tiny_moe
 
 FAMILIES = ["deepseek_v3", "deepseek_v2", "glm4_moe", "minimax_m2", "gpt_oss", "qwen3_next", "llama4_text", "olmoe",
@@ -160,9 +162,10 @@ def test_expert_names_on_disk_follow_each_family_hub_layout(quantized):
 
 
 def test_data_parallel_and_resume_on_deepseek_v3(quantized, tmp_path, monkeypatch):
-    """Both schedules give DeepSeek-V3 the same layout; two workers streaming the experts three at a time give
-    the bits of two workers holding them all; a data-parallel run with two workers that stops after its first
-    layer resumes from it to the tensors of a run that never stopped."""
+    """Both schedules give DeepSeek-V3 the same layout; two workers streaming the experts one at a time give the
+    bits of two workers holding them all; a data-parallel run stopped inside its sparse layer (its attention
+    part and two chunks checkpointed as parts) replays its first layer and continues the second at the third
+    chunk, to the tensors and losses of a run that never stopped, leaving no part behind."""
     from cluster.data_parallel import DataParallelRun
 
     float_dir, sequential = quantized("deepseek_v3")
@@ -170,22 +173,31 @@ def test_data_parallel_and_resume_on_deepseek_v3(quantized, tmp_path, monkeypatc
     clean = tmp_path / "dp"
     run_job(float_dir, clean, **dp)
     assert sorted(checkpoint_tensors(clean)) == sorted(checkpoint_tensors(sequential))
-    run_job(float_dir, tmp_path / "dp-chunked", **dp, **{"quant.experts_per_chunk": 3})  # experts streamed
+    dp["quant.experts_per_chunk"] = 1  # experts streamed
+    whole = run_job(float_dir, tmp_path / "dp-chunked", **dp)
     chunked = checkpoint_tensors(tmp_path / "dp-chunked")
     assert not [k for k, v in checkpoint_tensors(clean).items() if not torch.equal(v, chunked[k])]
-    quantize_layer = DataParallelRun._layer
+    collect = DataParallelRun._collect
 
-    def stop_at_layer_one(self, index, progress):
-        if index == 1:
-            raise RuntimeError("stopped at layer 1")
-        quantize_layer(self, index, progress)
+    def stop_in_chunk_two(self, report, phase, index, step, *rest):
+        collect(self, report, phase, index, step, *rest)
+        if index == 1 and step.chunk == 2:  # part 2 (chunks 0 and 1 done) is queued: let worker 0 write it
+            ray.get(self.workers[0].flush.remote())
+            raise RuntimeError("stopped inside layer 1")
 
-    monkeypatch.setattr(DataParallelRun, "_layer", stop_at_layer_one)
-    with pytest.raises(RuntimeError, match="stopped at layer 1"):
+    monkeypatch.setattr(DataParallelRun, "_collect", stop_in_chunk_two)
+    with pytest.raises(RuntimeError, match="stopped inside layer 1"):
         run_job(float_dir, tmp_path / "resumed", **dp)
     monkeypatch.undo()
+    assert [p.name for p in sorted(layers_dir(tmp_path / "resumed").glob("layer_00001.part_*"))] == [
+        f"layer_00001.part_0000{k}.safetensors" for k in range(3)]
     report = run_job(float_dir, tmp_path / "resumed", **dp)
-    assert [r["resumed"] for r in report["stages"][0]["layer_reports"]] == [True, False]
+    layers = report["stages"][0]["layer_reports"]
+    reader = CheckpointReader(float_dir)
+    passes = layer_passes(reader.arch.spec(1), reader.arch.num_experts(1), 1, True)
+    assert [r["resumed"] for r in layers] == [True, False]
+    assert layers[1]["resumed_at_pass"] == min(k for k, p in enumerate(passes) if p.chunk == 2)
+    assert layers[1]["losses"] == whole["stages"][0]["layer_reports"][1]["losses"]
     resumed = checkpoint_tensors(tmp_path / "resumed")
     assert not [k for k, v in checkpoint_tensors(clean).items() if not torch.equal(v, resumed[k])]
 
