@@ -131,6 +131,7 @@ class DataParallelWorker:
         """Load layer `index`'s float weights. With `resume` (a layer whose experts are streamed), continue after
         its part checkpoints (worker 0 reads them first: it discards torn ones): returns the passes already done
         and the report saved with them (None when starting from the first pass)."""
+        self.flush()  # (a layer begun again after another worker was lost) its last part is written whole
         with self.timeline.span("load"):
             self.work = LayerWork(self.engine, index, LayerReport(layer=index, started=time.time()))
             self.first_pass = self.work.resume(self.layer_store) if resume else 0
