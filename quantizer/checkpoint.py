@@ -5,17 +5,14 @@ checkpoint is published."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from quantizer.config import QuantConfig
 from quantizer.decoder import Architecture
 from quantizer.layer_builder import compute_architecture
 from quantizer.model_io import CheckpointReader
+from quantizer.safetensors_stream import LazyTensor, write_streamed
 from quantizer.sources import INDEX_FILE, TOKENIZER_FILES, parse_header
 from quantizer.storage import Location
 
@@ -28,30 +25,17 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    """No NaN or Inf is ever written: every float tensor is checked before its shard is."""
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise RuntimeError(f"refusing to write non-finite values (NaN/Inf) in {len(bad)} tensor(s): {bad[:5]}; "
-                           "the float model or the solve produced them (check the model files, or raise damp_percent)")
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """No NaN or Inf is ever written: every float tensor is checked before it is."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all():
+        raise RuntimeError(f"refusing to write non-finite values (NaN/Inf) in {name}; the float model or the solve "
+                           "produced them (check the model files, or raise damp_percent)")
 
 
-def write_shard(folder: Location, name: str, tensors: dict[str, torch.Tensor],
-                metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors shard: a reader never sees it half-written (local: temp name then rename;
-    object storage: one upload of a finished local file)."""
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    metadata = {"format": "pt", **(metadata or {})}
-    if folder.is_local:
-        folder.makedirs()
-        tmp = Path(folder.path(f".{name}.{os.getpid()}.tmp"))
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, folder.path(name))
-        return
-    with tempfile.TemporaryDirectory(prefix="rayquant-shard-") as scratch:
-        local = Path(scratch) / name
-        save_file(tensors, str(local), metadata=metadata)
-        folder.upload(local, name)
+def write_shard(folder: Location, name: str, tensors: dict[str, LazyTensor]) -> None:
+    """Write a safetensors shard a tensor at a time (quantizer.safetensors_stream), no NaN or Inf in it; a
+    reader never sees it half-written."""
+    write_streamed(folder, name, tensors, {"format": "pt"}, check=check_finite)
 
 
 def expected_tensors(reader: CheckpointReader, arch: Architecture, qcfg: QuantConfig,

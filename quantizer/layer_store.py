@@ -13,11 +13,11 @@ import re
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load
 
 from typing import Any
 
 from quantizer.engine import LayerParts, LayerReport
+from quantizer.safetensors_stream import LazyTensor, lazy_tensors, read_header
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class FolderLayerStore:
         self.folder.write_tensors(self.part_name(index, part), {k: v.contiguous() for k, v in tensors.items()},
                                   {"report": report, "state": json.dumps(state)})
 
+    def lazy(self, index: int) -> dict[str, LazyTensor]:
+        """Finished layer `index`'s tensors, each read when loaded."""
+        return lazy_tensors(self.folder, self.name(index))
+
     def parts(self, index: int) -> list[int]:
         """Numbers of layer `index`'s part files, ascending."""
         prefix = f"layer_{index:05d}.part_"
@@ -74,9 +78,8 @@ class FolderLayerStore:
             name = self.part_name(index, part)
             why = f"part {expected} is missing" if part != expected else None
             if why is None:
-                data = self.folder.read_bytes(name)
                 try:
-                    tensors, report, metadata = _parse(data)
+                    tensors, report, metadata = _read(self.folder, name)
                     state = json.loads(metadata["state"])
                 except (SafetensorError, ValueError, KeyError, TypeError) as exc:  # torn or corrupt
                     why = str(exc)
@@ -106,7 +109,7 @@ class FolderLayerStore:
         if not self.folder.is_file(name):
             return None
         try:
-            tensors, report, _ = _parse(self.folder.read_bytes(name))
+            tensors, report, _ = _read(self.folder, name)
         except Exception as exc:  # a torn or corrupt file: quantize that layer again
             log.warning("layer checkpoint %s/%s is unreadable (%s); quantizing layer %d again", self.folder, name,
                         exc, index)
@@ -115,8 +118,9 @@ class FolderLayerStore:
         return tensors, report
 
 
-def _parse(data: bytes) -> tuple[dict[str, torch.Tensor], LayerReport, dict[str, str]]:
-    """A layer or part file's bytes → (its tensors, the report in its metadata, the whole metadata)."""
-    length = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
-    return load(data), LayerReport(**json.loads(metadata["report"])), metadata
+def _read(folder: Location, name: str) -> tuple[dict[str, torch.Tensor], LayerReport, dict[str, str]]:
+    """A layer or part file → (its tensors, the report in its metadata, the whole metadata), read a tensor at a
+    time (no copy of the whole file in memory). A torn or corrupt file raises ValueError or KeyError."""
+    metadata = read_header(folder, name)[0].get("__metadata__", {})
+    tensors = {k: v.load() for k, v in lazy_tensors(folder, name).items()}
+    return tensors, LayerReport(**json.loads(metadata["report"])), metadata
