@@ -12,11 +12,10 @@ from quantizer.config import QuantConfig
 from quantizer.decoder import Architecture
 from quantizer.layer_builder import compute_architecture
 from quantizer.model_io import CheckpointReader
-from quantizer.safetensors_stream import LazyTensor, write_streamed
+from quantizer.safetensors_stream import NAMES, LazyTensor, write_streamed
 from quantizer.sources import INDEX_FILE, TOKENIZER_FILES, parse_header
 from quantizer.storage import Location
 
-_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32"}
 _FLOAT_NAMES = ("F16", "BF16", "F32", "F64")
 _CONFIG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -42,7 +41,7 @@ def expected_tensors(reader: CheckpointReader, arch: Architecture, qcfg: QuantCo
                      out_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name → (shape, safetensors dtype) of every tensor the quantized checkpoint must hold. `arch`: the model as
     the stages built it (its dense MLP padded, if so)."""
-    fdt = _DTYPE_NAMES[out_dtype]
+    fdt = NAMES[out_dtype]
     out = {name: (reader.tensors[name].shape, fdt if reader.tensors[name].dtype in _FLOAT_NAMES
                   else reader.tensors[name].dtype) for name in reader.outside_layers()}
     for index in range(arch.num_layers):

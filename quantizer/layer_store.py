@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from typing import Any
 
 from quantizer.engine import LayerParts, LayerReport
-from quantizer.safetensors_stream import LazyTensor, lazy_tensors, read_header
+from quantizer.safetensors_stream import LazyTensor, lazy_file, lazy_tensors
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,6 @@ class FolderLayerStore:
 def _read(folder: Location, name: str) -> tuple[dict[str, torch.Tensor], LayerReport, dict[str, str]]:
     """A layer or part file → (its tensors, the report in its metadata, the whole metadata), read a tensor at a
     time (no copy of the whole file in memory). A torn or corrupt file raises ValueError or KeyError."""
-    metadata = read_header(folder, name)[0].get("__metadata__", {})
-    tensors = {k: v.load() for k, v in lazy_tensors(folder, name).items()}
+    lazy, metadata = lazy_file(folder, name)
+    tensors = {k: v.load() for k, v in lazy.items()}
     return tensors, LayerReport(**json.loads(metadata["report"])), metadata

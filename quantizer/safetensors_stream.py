@@ -48,8 +48,13 @@ def read_header(folder: Location, name: str) -> tuple[dict, int]:
 
 def lazy_tensors(folder: Location, name: str) -> dict[str, LazyTensor]:
     """Every tensor of file `name` in `folder` (local or object storage), each read alone when loaded."""
+    return lazy_file(folder, name)[0]
+
+
+def lazy_file(folder: Location, name: str) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    """(lazy_tensors of file `name`, its header's metadata), from one read of the header."""
     header, start = read_header(folder, name)
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
 
     def loader(info: dict) -> Callable[[], torch.Tensor]:
         begin, end = info["data_offsets"]
@@ -62,7 +67,7 @@ def lazy_tensors(folder: Location, name: str) -> dict[str, LazyTensor]:
                 torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
         return load
 
-    return {k: LazyTensor(v["dtype"], tuple(v["shape"]), loader(v)) for k, v in header.items()}
+    return {k: LazyTensor(v["dtype"], tuple(v["shape"]), loader(v)) for k, v in header.items()}, metadata
 
 
 def _header(entries: dict[str, LazyTensor], metadata: dict[str, str]) -> bytes:
