@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import save, save_file
+from safetensors.torch import save_file
 
 from quantizer.errors import ConfigError
 
@@ -138,16 +138,23 @@ class Location:
             self.fs.pipe_file(self.path(name), data)
 
     def write_tensors(self, name: str, tensors: dict, metadata: dict[str, str]) -> None:
-        """A safetensors file, atomically. Local: written straight from the tensors into a temp file, then
-        renamed (no serialized copy in memory: a 671B MoE layer's packed tensors are 6 GB); remote: uploaded."""
-        if not self.is_local:
-            self.write_bytes(name, save(tensors, metadata=metadata))
-            return
-        self.makedirs()
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
+        """A safetensors file, atomically, written straight from the tensors into a temp file (no serialized
+        copy in memory: a 671B MoE layer's packed tensors are 6 GB); local: renamed into place, object
+        storage: uploaded whole from it, so that a reader never sees a part of the file."""
+        if self.is_local:
+            self.makedirs()
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}." if self.is_local else f"rayquant-{name}.", suffix=".tmp",
+                                   dir=self.root if self.is_local else None)
         os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, self.path(name))
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            if self.is_local:
+                os.replace(tmp, self.path(name))
+            else:
+                self.fs.put_file(tmp, self.path(name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())

@@ -91,6 +91,31 @@ def test_location_on_s3_reads_writes_ranges_and_creates_exclusively(s3):
     assert not folder.exists()
 
 
+def test_tensors_go_to_s3_from_a_temp_file_not_a_bytes_copy(s3, monkeypatch, tmp_path):
+    """A layer checkpoint on object storage is written from the tensors into a local temp file and uploaded
+    whole (a Kimi-K2 layer is 8.5 GB: serialized to bytes first it would be held twice); it reads back bit for
+    bit, with its metadata, and no temp file is left."""
+    import tempfile
+
+    import safetensors.torch
+
+    from quantizer.safetensors_stream import lazy_file
+
+    def no_bytes(*args, **kwargs):
+        raise AssertionError("serialized in memory")
+
+    monkeypatch.setattr(safetensors.torch, "save", no_bytes)
+    monkeypatch.setattr("quantizer.storage.save", no_bytes, raising=False)  # a name bound at import, if any
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tensors = {"a": torch.arange(12, dtype=torch.int32).reshape(3, 4), "b": torch.randn(5, dtype=torch.float16)}
+    folder = Location("s3://data/layers")
+    folder.write_tensors("layer_00000.safetensors", tensors, {"report": "{}"})
+    lazy, metadata = lazy_file(folder, "layer_00000.safetensors")
+    assert metadata == {"report": "{}"} and lazy.keys() == tensors.keys()
+    assert all(torch.equal(lazy[k].load(), v) for k, v in tensors.items())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantize_s3_to_s3_survives_a_killed_driver(s3, tiny_llama, tmp_path, ray_local):
     """Model, calibration text and output in S3. The driver is SIGKILLed mid-job; the same command resumes from
     the layers under the output prefix, and the tensors equal a local run's. Loads from a local download."""
