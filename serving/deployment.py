@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, NoReturn
 
@@ -150,8 +151,9 @@ class GenerationService:
         the caller goes (finished, cancelled, past its deadline) the request is closed: the transformers
         engine stops decoding its row, vLLM aborts it."""
         if self.engine_name == "vllm":
-            async for item in self.engine.outputs(prepared):
-                yield item
+            async with aclosing(self.engine.outputs(prepared)) as outputs:
+                async for item in outputs:
+                    yield item
             return
         try:
             async for item in self._batched(prepared):
@@ -161,12 +163,15 @@ class GenerationService:
             prepared.closed = True
 
     async def _generate(self, prepared: PreparedRequest, call: CallMetrics) -> AsyncIterator[StepOutput]:
-        """Decoding of an admitted request, with its metrics."""
+        """Decoding of an admitted request, with its metrics. Every generator from the gRPC method down closes
+        the one it reads when it is closed itself (`aclosing`): left to the garbage collector, the request would
+        be closed only once collected — a cancelled stream could keep its batch slot for a whole decode."""
         code = "INTERNAL"
         try:
-            async for out in self._outputs(prepared):
-                call.tokens_sent(len(out.token_ids))
-                yield out
+            async with aclosing(self._outputs(prepared)) as outputs:
+                async for out in outputs:
+                    call.tokens_sent(len(out.token_ids))
+                    yield out
             code = "OK"
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"
@@ -188,29 +193,32 @@ class GenerationService:
             _refuse(context, grpc.StatusCode.UNAUTHENTICATED, exc)
         except InvalidRequest as exc:
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, exc)
-        async for out in self._generate(prepared, call):
-            yield out
+        async with aclosing(self._generate(prepared, call)) as outputs:
+            async for out in outputs:
+                yield out
 
     async def Generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext | None = None) -> pb.GenerateResponse:
         text, tokens, last = [], [], None
-        async for out in self._serve("Generate", request, grpc_context):
-            text.append(out.text)
-            tokens += out.token_ids
-            last = out
+        async with aclosing(self._serve("Generate", request, grpc_context)) as outputs:
+            async for out in outputs:
+                text.append(out.text)
+                tokens += out.token_ids
+                last = out
         return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=last.finish_reason,
                                    usage=pb.Usage(prompt_tokens=last.prompt_tokens,
                                                   completion_tokens=last.completion_tokens))
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.GenerateChunk]:
-        async for out in self._serve("GenerateStream", request, grpc_context):
-            chunk = pb.GenerateChunk(text=out.text, token_ids=out.token_ids)
-            if out.finish_reason:
-                chunk.finish_reason = out.finish_reason
-                chunk.usage.CopyFrom(pb.Usage(prompt_tokens=out.prompt_tokens,
-                                              completion_tokens=out.completion_tokens))
-            yield chunk
+        async with aclosing(self._serve("GenerateStream", request, grpc_context)) as outputs:
+            async for out in outputs:
+                chunk = pb.GenerateChunk(text=out.text, token_ids=out.token_ids)
+                if out.finish_reason:
+                    chunk.finish_reason = out.finish_reason
+                    chunk.usage.CopyFrom(pb.Usage(prompt_tokens=out.prompt_tokens,
+                                                  completion_tokens=out.completion_tokens))
+                yield chunk
 
     async def ModelInfo(self, request: pb.ModelInfoRequest,
                         grpc_context: RayServegRPCContext | None = None) -> pb.ModelInfoResponse:

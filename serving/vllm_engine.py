@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -113,13 +114,15 @@ class VLLMEngine:
     async def outputs(self, request: PreparedRequest) -> AsyncIterator[StepOutput]:
         """This request's outputs step by step; the last carries finish_reason and the token counts."""
         completed = 0
-        async for out in self.engine.generate({"prompt_token_ids": request.prompt_ids},
-                                              self._sampling(request.params), uuid.uuid4().hex):
-            step = out.outputs[0]
-            tokens = [t for t in step.token_ids if t not in self.eos_ids or request.params.ignore_eos]
-            completed += len(tokens)
-            reason = _finish_reason(step.finish_reason, step.stop_reason) if out.finished else None
-            yield StepOutput(step.text, tokens, reason, len(request.prompt_ids), completed)
+        steps = self.engine.generate({"prompt_token_ids": request.prompt_ids}, self._sampling(request.params),
+                                     uuid.uuid4().hex)
+        async with aclosing(steps):  # closed with this generator: vLLM aborts the request at once
+            async for out in steps:
+                step = out.outputs[0]
+                tokens = [t for t in step.token_ids if t not in self.eos_ids or request.params.ignore_eos]
+                completed += len(tokens)
+                reason = _finish_reason(step.finish_reason, step.stop_reason) if out.finished else None
+                yield StepOutput(step.text, tokens, reason, len(request.prompt_ids), completed)
 
     def shutdown(self) -> None:
         """Stop vLLM's engine process and drop the engine now (collected at interpreter exit, vLLM's own

@@ -193,3 +193,40 @@ def test_32_concurrent_clients_500_requests(server):
     done, failures = concurrent_calls(config.grpc_port, 32, 16, call)
     assert not failures, failures[:3]
     assert len(done) == 512
+
+
+def test_a_hung_up_grpc_stream_closes_its_request_before_the_close_returns():
+    """Serve closes a replica's stream generator when its gRPC client hangs up. Each generator of the chain
+    (GenerateStream → _serve → _generate → _outputs) closes the one it reads, so the request is closed (its
+    batch row stops decoding; a vLLM request is aborted) by the time the close returns — not whenever the
+    abandoned generators are collected, which once left a cancelled stream decoding in the only batch slot."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from protos.rayquant.v1 import generation_pb2 as pb
+    from serving import deployment
+    from serving.requests import PreparedRequest, SamplingParams, StepOutput
+
+    prepared = PreparedRequest([1, 2, 3], SamplingParams(max_new_tokens=900))
+    codes: list[str] = []
+    service = object.__new__(deployment.GenerationService.func_or_class)
+    service.engine_name = "transformers"
+    service.config = SimpleNamespace(max_new_tokens_limit=900)
+    service.metrics = SimpleNamespace(call=lambda method: SimpleNamespace(tokens_sent=lambda n: None,
+                                                                          finished=codes.append))
+    service._admit = lambda *args: prepared
+
+    async def decoding(request: PreparedRequest):  # the batch queue's steps for this request, until it is closed
+        while not request.closed:
+            yield StepOutput("a", [7])
+            await asyncio.sleep(0)
+
+    service._batched = decoding
+
+    async def hang_up() -> bool:
+        stream = service.GenerateStream(pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=900), None)
+        await stream.__anext__()
+        await stream.aclose()
+        return prepared.closed
+
+    assert asyncio.run(hang_up()) and codes == ["CANCELLED"]
