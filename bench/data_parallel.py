@@ -5,7 +5,9 @@
    torch.distributed over gloo: checked to give the same tensors), and two sequential jobs at once: the
    most two processes get from this machine, the ceiling for any two-worker schedule (`of_ceiling`: the
    share of it each schedule reaches; `busy_fraction`: each worker's busy share of the layers' wall time).
-   The timeline of the median layer (each worker's busy spans by phase) goes to data_parallel_timeline.
+   The timeline of the median layer (each worker's busy spans by phase) goes to data_parallel_timeline; the
+   seconds of each phase over all layers, the sequential stage's against the two workers' summed (what the
+   schedule adds to the work, and the workers' idle time), to data_parallel_cpu.
 2. One Qwen2-7B-shaped layer (hidden 3584, MLP 18944, 28/4 heads; random bf16 weights, 16 × 512 calibration
    tokens) with 1 and 2 workers: the time of each phase (forward, Hessian, reduce, solve, broadcast) and
    the bytes moved per layer. (Qwen2-72B's layer does not fit twice in this machine's 24 GiB: its down_proj
@@ -22,9 +24,11 @@ import logging
 import multiprocessing
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 from bench.common import run_cli, write_results
+from cluster.timeline import PHASES
 from bench.rehearsal_72b import CALIBRATION, plain_calibration_text, write_random_checkpoint
 from tests.synthetic_checkpoint import QWEN2_72B
 
@@ -54,6 +58,29 @@ def phase_row(run: str, report: dict, wall: float) -> dict:
         row["result_mb_per_layer"] = dp["bytes_per_layer"]["results"] / 2**20
         row["busy_fraction"] = " / ".join(f"{w['busy_fraction']:.2f}" for w in dp["worker_time"])
     return row
+
+
+def cpu_rows(sequential: dict, parallel: dict) -> list[dict]:
+    """Seconds in each phase over all layers (1 thread per process: busy seconds are CPU-seconds): the sequential
+    stage's (its layer reports' phase_seconds; applying results is part of its solve) and the data-parallel
+    workers' busy seconds summed, then their idle seconds and the totals."""
+    alone = Counter()
+    for layer in sequential["stages"][0]["layer_reports"]:
+        alone.update(layer["phase_seconds"])
+    workers = parallel["data_parallel"]["worker_time"]
+    both = Counter()
+    for worker in workers:
+        both.update(worker["busy_s"])
+    rows = [{"phase": phase, "sequential_s": alone.get(phase, 0.0), "data_parallel_s": both.get(phase, 0.0)}
+            for phase in PHASES]
+    rows.append({"phase": "idle (waiting)", "sequential_s": 0.0,
+                 "data_parallel_s": sum(worker["idle_s"] for worker in workers)})
+    rows.append({"phase": "all", "sequential_s": sum(r["sequential_s"] for r in rows),
+                 "data_parallel_s": sum(r["data_parallel_s"] for r in rows)})
+    for row in rows:
+        if row["sequential_s"]:
+            row["ratio"] = row["data_parallel_s"] / row["sequential_s"]
+    return rows
 
 
 def timeline_rows(layer: dict) -> list[dict]:
@@ -111,7 +138,11 @@ def main() -> None:
         rows.append(two_jobs_at_once(Path(tmp), rows[0]["quantize_s"]))
         for row in rows[1:3]:  # the share of the two-process ceiling each two-worker schedule reaches
             row["of_ceiling"] = row["speedup"] / rows[3]["speedup"]
-        timeline = json.loads((outs[1] / "quantize_report.json").read_text())["data_parallel"]["per_layer"]
+        reports = [json.loads((out / "quantize_report.json").read_text()) for out in outs[:2]]
+        write_results("data_parallel_cpu", cpu_rows(*reports), ["phase", "sequential_s", "data_parallel_s", "ratio"],
+                      {"runs": f"{DEFAULT_JOB_RUNS[0][0]}; {DEFAULT_JOB_RUNS[1][0]}",
+                       "seconds": "over all layers; data-parallel: both workers summed"})
+        timeline = reports[1]["data_parallel"]["per_layer"]
         middle = sorted(timeline, key=lambda layer: layer["timeline"]["wall_s"])[len(timeline) // 2]
         write_results("data_parallel_timeline", timeline_rows(middle),
                       ["worker", "phase", "start_s", "end_s"],

@@ -190,6 +190,20 @@ def _data_parallel(ax, rows: Rows) -> None:
     ax.legend(fontsize=8)
 
 
+def _data_parallel_cpu(ax, rows: Rows) -> None:
+    """Seconds per phase over all layers: one sequential stage against two data-parallel workers summed."""
+    rows = [r for r in rows if r["phase"] != "all"]
+    y = range(len(rows))
+    ax.barh([i - 0.2 for i in y], [r["sequential_s"] for r in rows], 0.4, label="sequential, 1 stage", color="tab:blue")
+    ax.barh([i + 0.2 for i in y], [r["data_parallel_s"] for r in rows], 0.4, label="data-parallel, 2 workers summed",
+            color="tab:orange")
+    ax.set_yticks(list(y), [r["phase"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds over all layers (1 thread each: CPU-seconds)")
+    ax.set_title("where the CPU time goes: sequential vs data-parallel")
+    ax.legend(fontsize=8)
+
+
 PHASE_COLORS = {"load": "tab:purple", "capture": "tab:blue", "reduce": "tab:orange", "solve": "tab:green",
                 "broadcast": "tab:gray", "save": "tab:brown", "forward": "tab:cyan"}
 
@@ -247,6 +261,7 @@ PLOTS: dict[str, Callable[[Any, Rows], None]] = {
     "rehearsal_235b": _rehearsal("Qwen3-235B-A22B"), "rehearsal_deepseek_v3": _rehearsal("DeepSeek-V3 (FP8 source)"),
     "rehearsal_kimi_k2": _rehearsal("Kimi-K2 (FP8 source)"),
     "data_parallel": _data_parallel, "data_parallel_7b_layer": _data_parallel, "data_parallel_timeline": _timeline,
+    "data_parallel_cpu": _data_parallel_cpu,
 }
 
 

@@ -57,6 +57,13 @@ class LayerReport:
     started: float = 0.0  # wall-clock (time.time()) start and end, for timelines across stages
     finished: float = 0.0
     peak_rss_mb: float = 0.0
+    # stage schedules: seconds in each phase (cluster.timeline's names: load, capture — Hessians included —, solve —
+    # results applied included —, forward through the quantized layer, save — what was left of the checkpoint write)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed_phase(self, phase: str, since: float) -> None:
+        """Add the seconds from `since` (time.perf_counter()) to now to `phase`."""
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - since
 
     @property
     def loss(self) -> float:
@@ -242,7 +249,8 @@ class StageEngine:
             saving = None
             if saved is None and self.layer_store:  # written while the forward runs (it only reads the tensors)
                 saving = self.background.submit(self.layer_store.save, index, tensors, dataclasses.replace(
-                    report, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb()))
+                    report, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+                    phase_seconds=dict(report.phase_seconds)))  # the forward's and the save's are added meanwhile
             if not (self.layer_store and self.layer_store.has(index + 1)):
                 self.prefetch(index + 1)
             if not self.runs_forward(index):
@@ -250,11 +258,15 @@ class StageEngine:
             else:
                 yield StagePhase(index, "forward through the quantized layer" if saved is None else
                                  "replaying the finished layer from its checkpoint")
+                clock = time.perf_counter()
                 layer = build_quantized_layer(self.arch, index, tensors, self.qcfg, self.dtype, self.device)
                 handles = [self.store.put(self.forward_layer(layer, index, self.store.get(h))) for h in handles]
+                report.timed_phase("forward", clock)
             if saving is not None:
                 yield StagePhase(index, "writing the layer's checkpoint")
+                clock = time.perf_counter()
                 saving.result()
+                report.timed_phase("save", clock)
             report.seconds = time.perf_counter() - start
             report.finished = time.time()
             report.peak_rss_mb = peak_rss_mb()
@@ -264,19 +276,25 @@ class StageEngine:
     def _quantize_layer(self, index: int, handles: list[Any], report: LayerReport
                         ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
         yield StagePhase(index, "loading float weights")
+        clock = time.perf_counter()
         work = LayerWork(self, index, report)
         done = work.resume(self.layer_store) if self.layer_store and work.streamed else 0
+        report.timed_phase("load", clock)
         saving: Future | None = None
         for k, step in enumerate(work.passes[done:], start=done):
             start = time.perf_counter()
             where, experts = work.describe(step), experts_progress(step, work.num_experts)
             yield StagePhase(index, f"{where}calibration forward ({len(handles)} batches) for {_names(step.groups)}",
                              *experts)
+            clock = time.perf_counter()
             accs = work.capture(step, handles)
+            report.timed_phase("capture", clock)
             for group in step.groups:
                 yield StagePhase(index, f"{where}solving {_names((group,))}", *experts)
+                clock = time.perf_counter()
                 for name, result in self._solve_group(work.layer, group, accs, report):
                     work.apply(name, result)
+                report.timed_phase("solve", clock)
             del accs
             work.timed(step, time.perf_counter() - start)
             if self.layer_store and work.resume_point(k):  # written while the next chunk runs

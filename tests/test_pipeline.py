@@ -59,6 +59,11 @@ def test_three_stages_equal_one_stage_bit_for_bit(tiny_llama, one_stage, tmp_pat
     assert sorted(p.name for p in (tmp_path / "three").glob("model-*")) == [
         f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert report3["transfer_bytes"] > 0 and all(s["peak_rss_mb"] > 0 for s in report3["stages"])
+    for layer in (r for s in report3["stages"] for r in s["layer_reports"]):  # where each layer's time went
+        phases = layer["phase_seconds"]
+        expected = {"load", "capture", "solve", "save"} | ({"forward"} if layer["layer"] < 3 else set())
+        assert set(phases) == expected and all(t > 0 for t in phases.values()), phases  # the last: no forward
+        assert sum(phases.values()) <= layer["seconds"]
     assert not (tmp_path / ".three.partial").exists() and not (tmp_path / ".three.rayquant-work").exists()
 
 
