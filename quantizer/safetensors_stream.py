@@ -9,10 +9,7 @@ and shape, then each tensor is read, checked and written in turn: the memory hel
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -87,27 +84,14 @@ def write_streamed(folder: Location, name: str, entries: dict[str, LazyTensor], 
     """Write `entries` as safetensors file `name`, loading one tensor at a time (`check`, if given, sees each
     before it is written). A reader never sees a half-written file: local, a temp name then a rename; object
     storage, one upload of the finished local file."""
-    if folder.is_local:
-        folder.makedirs()
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder.path())
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f"rayquant-{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_header(entries, metadata))
-            for key, entry in entries.items():
-                tensor = entry.load().contiguous()
-                if NAMES.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
-                    raise RuntimeError(f"{key}: read as {tensor.dtype} {tuple(tensor.shape)}, its header says "
-                                       f"{entry.dtype} {entry.shape}")
-                if check is not None:
-                    check(key, tensor)
-                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-                del tensor
-        if folder.is_local:
-            os.replace(tmp, folder.path(name))
-        else:
-            folder.upload(Path(tmp), name)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with folder.writing(name) as tmp, open(tmp, "wb") as f:
+        f.write(_header(entries, metadata))
+        for key, entry in entries.items():
+            tensor = entry.load().contiguous()
+            if NAMES.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise RuntimeError(f"{key}: read as {tensor.dtype} {tuple(tensor.shape)}, its header says "
+                                   f"{entry.dtype} {entry.shape}")
+            if check is not None:
+                check(key, tensor)
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor

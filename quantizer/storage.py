@@ -8,11 +8,13 @@ usual credentials (AWS_* / AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from safetensors.torch import save_file
 
@@ -137,24 +139,31 @@ class Location:
         else:
             self.fs.pipe_file(self.path(name), data)
 
-    def write_tensors(self, name: str, tensors: dict, metadata: dict[str, str]) -> None:
-        """A safetensors file, atomically, written straight from the tensors into a temp file (no serialized
-        copy in memory: a 671B MoE layer's packed tensors are 6 GB); local: renamed into place, object
-        storage: uploaded whole from it, so that a reader never sees a part of the file."""
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[str]:
+        """A temp file's path to write file `name` into; when the block ends, the file takes its place whole —
+        local: renamed (the temp file sits in this folder), object storage: uploaded in one piece — so a reader
+        never sees a part of it. The temp file is removed in any case."""
         if self.is_local:
             self.makedirs()
         fd, tmp = tempfile.mkstemp(prefix=f".{name}." if self.is_local else f"rayquant-{name}.", suffix=".tmp",
                                    dir=self.root if self.is_local else None)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            yield tmp
             if self.is_local:
                 os.replace(tmp, self.path(name))
             else:
-                self.fs.put_file(tmp, self.path(name))
+                self.upload(Path(tmp), name)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+    def write_tensors(self, name: str, tensors: dict, metadata: dict[str, str]) -> None:
+        """A safetensors file, atomically (`writing`), written straight from the tensors (no serialized copy in
+        memory: a 671B MoE layer's packed tensors are 6 GB)."""
+        with self.writing(name) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
