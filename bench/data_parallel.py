@@ -28,8 +28,8 @@ from collections import Counter
 from pathlib import Path
 
 from bench.common import run_cli, write_results
-from cluster.timeline import PHASES
 from bench.rehearsal_72b import CALIBRATION, plain_calibration_text, write_random_checkpoint
+from cluster.timeline import PHASES
 from tests.synthetic_checkpoint import QWEN2_72B
 
 log = logging.getLogger("bench")

@@ -5,6 +5,7 @@ activations between passes live in an ActivationStore (in memory, or Ray's objec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -61,9 +62,14 @@ class LayerReport:
     # results applied included —, forward through the quantized layer, save — what was left of the checkpoint write)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
-    def timed_phase(self, phase: str, since: float) -> None:
-        """Add the seconds from `since` (time.perf_counter()) to now to `phase`."""
-        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - since
+    @contextlib.contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        """Add the seconds the block takes to `phase`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
     @property
     def loss(self) -> float:
@@ -258,15 +264,13 @@ class StageEngine:
             else:
                 yield StagePhase(index, "forward through the quantized layer" if saved is None else
                                  "replaying the finished layer from its checkpoint")
-                clock = time.perf_counter()
-                layer = build_quantized_layer(self.arch, index, tensors, self.qcfg, self.dtype, self.device)
-                handles = [self.store.put(self.forward_layer(layer, index, self.store.get(h))) for h in handles]
-                report.timed_phase("forward", clock)
+                with report.timing("forward"):
+                    layer = build_quantized_layer(self.arch, index, tensors, self.qcfg, self.dtype, self.device)
+                    handles = [self.store.put(self.forward_layer(layer, index, self.store.get(h))) for h in handles]
             if saving is not None:
                 yield StagePhase(index, "writing the layer's checkpoint")
-                clock = time.perf_counter()
-                saving.result()
-                report.timed_phase("save", clock)
+                with report.timing("save"):
+                    saving.result()
             report.seconds = time.perf_counter() - start
             report.finished = time.time()
             report.peak_rss_mb = peak_rss_mb()
@@ -276,25 +280,22 @@ class StageEngine:
     def _quantize_layer(self, index: int, handles: list[Any], report: LayerReport
                         ) -> Generator[StagePhase, None, dict[str, torch.Tensor]]:
         yield StagePhase(index, "loading float weights")
-        clock = time.perf_counter()
-        work = LayerWork(self, index, report)
-        done = work.resume(self.layer_store) if self.layer_store and work.streamed else 0
-        report.timed_phase("load", clock)
+        with report.timing("load"):
+            work = LayerWork(self, index, report)
+            done = work.resume(self.layer_store) if self.layer_store and work.streamed else 0
         saving: Future | None = None
         for k, step in enumerate(work.passes[done:], start=done):
             start = time.perf_counter()
             where, experts = work.describe(step), experts_progress(step, work.num_experts)
             yield StagePhase(index, f"{where}calibration forward ({len(handles)} batches) for {_names(step.groups)}",
                              *experts)
-            clock = time.perf_counter()
-            accs = work.capture(step, handles)
-            report.timed_phase("capture", clock)
+            with report.timing("capture"):
+                accs = work.capture(step, handles)
             for group in step.groups:
                 yield StagePhase(index, f"{where}solving {_names((group,))}", *experts)
-                clock = time.perf_counter()
-                for name, result in self._solve_group(work.layer, group, accs, report):
-                    work.apply(name, result)
-                report.timed_phase("solve", clock)
+                with report.timing("solve"):
+                    for name, result in self._solve_group(work.layer, group, accs, report):
+                        work.apply(name, result)
             del accs
             work.timed(step, time.perf_counter() - start)
             if self.layer_store and work.resume_point(k):  # written while the next chunk runs
