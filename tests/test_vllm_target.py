@@ -1,6 +1,7 @@
 """The vLLM target: shipped job files write checkpoints vLLM takes, other settings are warned about, and
 the serve config settles `engine: auto` the way the README says. None of this needs vLLM installed."""
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from cluster.job import load_job
 from quantizer.config import QuantConfig
 from quantizer.errors import ConfigError
 from serving.config import ServeConfig
-from serving.vllm_support import KernelProbe
+from serving.vllm_support import KernelProbe, probe_gptq_kernels
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 KERNEL_PRESENT = KernelProbe("cpu", ("cpu_gemm_wna16",), ("_C.abi3.so",))
@@ -156,3 +157,27 @@ def test_serving_dtype_follows_the_checkpoint(tmp_path, stored, half, chosen, se
     assert serving_dtype(tmp_path, chosen, half_precision=half) == served
     with pytest.raises(ConfigError, match="engine 'tgi' is unknown"):
         ServeConfig(model="m", engine="tgi")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="the probe's cache is keyed by vLLM's build")
+def test_a_finished_cpu_probe_is_kept_on_disk_and_read_by_the_next_process(tmp_path, monkeypatch):
+    """One probe per machine, not per server start: an answer is read back from the cache dir (as a new
+    process, without functools' cache, reads it); each mode has its own entry; a failed probe or an
+    unreadable entry makes the next call probe again."""
+    monkeypatch.setenv("RAYQUANT_CACHE", str(tmp_path))
+    answers = {False: KERNEL_PRESENT, True: KERNEL_MISSING}
+    runs: list[bool] = []
+
+    def run(device, assume_no_avx512):
+        runs.append(assume_no_avx512)
+        return answers[assume_no_avx512]
+
+    monkeypatch.setattr(vllm_support, "_run_probe", run)
+    probe = probe_gptq_kernels.__wrapped__  # a fresh process: nothing cached in memory
+    assert probe("cpu") == KERNEL_PRESENT and probe("cpu") == KERNEL_PRESENT and runs == [False]
+    assert probe("cpu", True) == KERNEL_MISSING and probe("cpu", True) == KERNEL_MISSING and runs == [False, True]
+    assert len(list((tmp_path / "vllm-probe").glob("*.json"))) == 2
+    vllm_support.probe_cache_file("cpu", False).write_text("{not json")
+    answers[False] = KernelProbe("cpu", (), (), "the probe process failed: timeout")
+    assert probe("cpu").error and probe("cpu").error and runs == [False, True, False, False]  # not kept
+    assert vllm_support.probe_cache_file("cuda", False) is None  # a GPU's answer needs a CUDA start
