@@ -50,6 +50,19 @@ def test_3bit_layout_matches_autogptq():
     assert np.array_equal(pack_bits(values, 3).numpy(), expected)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_whole_field_layout_matches_autogptq(bits):
+    """2/4/8 bits (each word holds whole fields, packed by shifting in place): value j of a word's column
+    sits at bits j·bits up — AutoGPTQ's `qweight[row] |= intweight[j] << (bits * (j - i))` loop."""
+    values = torch.randint(0, 2**bits, (64, 5))
+    per = 32 // bits
+    expected = np.zeros((64 // per, 5), dtype=np.uint32)
+    for row in range(64 // per):
+        for j in range(per):
+            expected[row] |= values[row * per + j].numpy().astype(np.uint32) << np.uint32(bits * j)
+    assert np.array_equal(pack_bits(values, bits).numpy(), expected.astype(np.int32))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
 @pytest.mark.parametrize("desc_act", [False, True])
