@@ -37,6 +37,22 @@ def running_count() -> int:
     return serve.status().applications[APP].deployments["GenerationService"].replica_states.get("RUNNING", 0)
 
 
+def busiest_replica(minimum: int, timeout_s: float = 30) -> str:
+    """The live replica with the most calls in flight (Serve's own count: what its router asks each replica),
+    once one has at least `minimum`."""
+    import ray
+
+    start = time.time()
+    while True:
+        counts = {name: ray.get(ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote())
+                  for name in replica_actor_names()}
+        busiest = max(counts, key=counts.get)
+        if counts[busiest] >= minimum:
+            return busiest
+        assert time.time() - start < timeout_s, f"no replica had {minimum} calls in flight within {timeout_s} s"
+        time.sleep(0.05)
+
+
 def wait_for(condition, timeout_s: float, what: str) -> float:
     """Poll until condition() is true; returns the seconds it took."""
     start = time.time()
@@ -105,7 +121,7 @@ def test_load_scales_up_a_killed_replica_costs_only_its_calls_and_the_replicas_f
         with Load(cfg.grpc_port, clients=clients, max_new_tokens=64) as load:
             up_s = wait_for(lambda: running_count() == 2, 120, "a second replica under load")
             time.sleep(2)  # both replicas take calls
-            victim = replica_actor_names()[0]
+            victim = busiest_replica(minimum=2)  # killed between two calls, a replica would cost nothing
             killed_at = time.time()
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             wait_for(lambda: running_count() == 2 and len(set(replica_actor_names()) - {victim}) == 2, 120,
