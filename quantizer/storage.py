@@ -130,12 +130,10 @@ class Location:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        """`data` as file `name`, atomically: local, through `writing`; object storage, one PUT of the bytes."""
         if self.is_local:
-            self.makedirs()
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path(name))
+            with self.writing(name) as tmp:
+                Path(tmp).write_bytes(data)
         else:
             self.fs.pipe_file(self.path(name), data)
 

@@ -7,7 +7,7 @@ kernel, so a GPTQ model would fail at engine start there. The probe asks vLLM's 
 the library it would load, in a child process (so this process never carries vLLM's extension), and
 reports which of the GPTQ ops that library registered: 3–26 s of vLLM imports in a child process, so on CPU
 the answer is kept in the cache dir (`$RAYQUANT_CACHE/vllm-probe`), keyed by what it depends on (this
-interpreter, the torch and vLLM builds, the CPU's flags), and a later server start on the machine reads it.
+interpreter, the torch and vLLM builds, the CPU's flags, zentorch), and a later server start on the machine reads it.
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ def probe_gptq_kernels(device: str, assume_no_avx512: bool = False) -> KernelPro
 def probe_cache_file(device: str, assume_no_avx512: bool) -> Path | None:
     """Where the probe's answer for this machine is kept: named by a hash of what it depends on — this
     interpreter, torch's version, vLLM's extension files (names, sizes, times), the CPU's flags, whether zentorch
-    is installed, and the mode.
-    None on GPU (the answer depends on the GPU, which only a CUDA start reveals) or without vLLM."""
+    is installed, and the mode. None on GPU (the answer depends on the GPU, which only a CUDA start reveals) or
+    without vLLM."""
     spec = importlib.util.find_spec("vllm") if device == "cpu" else None
     if spec is None or spec.origin is None:
         return None
