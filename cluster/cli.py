@@ -150,10 +150,10 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from cluster.driver import Driver
     from cluster.job import load_job
+    from cluster.launch import run_job
 
-    report = Driver(load_job(args.config, _overrides(args)), restart=args.restart).run()
+    report = run_job(load_job(args.config, _overrides(args)), restart=args.restart)
     print(json.dumps({"output_dir": report["output_dir"], "wall_seconds": round(report["wall_seconds"], 1),
                       "stages": len(report["stages"])}))
 

@@ -166,12 +166,16 @@ class DataParallelWorker:
                 "forward_s": span.seconds - hessian_s, "hessian_s": hessian_s}
 
     def _settled(self, owners: Owners, metas: tuple[dict[str, Any], ...]) -> dict[Unit, Any]:
-        """This pass's partials, settled on the whole calibration's counts (every worker's `capture` meta)."""
-        totals = pass_totals(metas)
-        if totals["expert_tokens"]:  # the pass that counted routed tokens: the whole calibration's, not this share's
-            self.work.report.expert_tokens = totals["expert_tokens"]
-        accs, self.accs = self.work.settle(self.accs, totals["routed"] or None), {}
-        self.engine._tokens = totals["tokens"]
+        """This pass's partials; a pass over experts settles them on the whole calibration's counts (`metas`:
+        every worker's `capture` meta). Any other pass gets no metas: nothing in it depends on the other
+        workers' counts, so its partials leave as soon as its own capture ends."""
+        accs, self.accs = self.accs, {}
+        if metas:
+            totals = pass_totals(metas)
+            if totals["expert_tokens"]:  # the pass that counted routed tokens: the whole calibration's
+                self.work.report.expert_tokens = totals["expert_tokens"]
+            accs = self.work.settle(accs, totals["routed"] or None)
+            self.engine._tokens = totals["tokens"]
         return {unit: accs[unit] for unit in owners}
 
     def partials(self, owners: Owners, *metas: dict[str, Any]) -> tuple:

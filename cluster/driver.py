@@ -224,6 +224,11 @@ class Driver:
         self.dp: DataParallelRun | None = None
         log.info("%s%s", describe(self.plans), experts_line(self.reader, self.job))
 
+    @property
+    def actor_count(self) -> int:
+        """The job's actors: its data-parallel workers, or the planned stages."""
+        return self.job.resources.workers if self.data_parallel else len(self.plans)
+
     def resume_hash(self) -> str:
         """What a resumed run must share with the run that made the finished layers: the settings, the model's
         files (sizes and header hashes, or the Hub commit), the calibration content, and for the pipelined
@@ -243,17 +248,16 @@ class Driver:
             layers_folder(target.work).remove_tree()  # a run that stopped right after publishing
             return json.loads(target.final.read_text("quantize_report.json"))
         replacing = target.check(job.overwrite)
-        workers = job.resources.workers if self.data_parallel else len(self.plans)
-        cpus = job.resources.cpus_per_stage or max(1, (os.cpu_count() or 1) // workers)
+        workers = self.actor_count
+        cpus, cpus_in_all = job.actor_cpus(workers)
         progress = [StageProgress(p.index, len(p.layers)) for p in self.plans]
         overall = JobProgress(progress, parallel_stages=job.resolved_schedule == "pipelined").start("starting Ray")
         lock = JobLock(target.work)
         published = False
         try:
-            extra = job.resources.solve_workers - 1
-            owns_ray = connect_ray(job.ray_address, cpus * (workers + extra))
+            owns_ray = connect_ray(job.ray_address, cpus_in_all)  # (already connected by cluster.launch: False)
             try:
-                check_cluster_resources(workers + extra, cpus, job.resources.gpus_per_stage)
+                check_cluster_resources(workers + job.resources.solve_workers - 1, cpus, job.resources.gpus_per_stage)
                 lock.acquire()
                 target.prepare(replacing)
                 done, stamp = open_work_dir(target.work, settings, self.restart, {"replacing": replacing})

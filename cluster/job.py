@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,19 @@ class JobConfig:
         if self.schedule == "auto":
             return "data_parallel" if self.resources.workers > 1 else "sequential"
         return self.schedule
+
+    @property
+    def actors(self) -> int | None:
+        """Stage actors or data-parallel workers, when the job file fixes them (None: stages auto, the plan decides)."""
+        if self.resolved_schedule == "data_parallel":
+            return self.resources.workers
+        return self.stages if isinstance(self.stages, int) else None
+
+    def actor_cpus(self, actors: int) -> tuple[int, int]:
+        """(CPUs = torch threads of each of `actors` stage actors or workers, CPUs the job takes in all with its
+        extra solve workers): resources.cpus_per_stage each, else this machine's cores shared among the actors."""
+        each = self.resources.cpus_per_stage or max(1, (os.cpu_count() or 1) // actors)
+        return each, each * (actors + self.resources.solve_workers - 1)
 
     def settings_hash(self) -> str:
         """Hash of the settings that change the output. The model and calibration file count by their content

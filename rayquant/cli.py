@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -44,5 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> int:
+    """The `rayquant` command: `main`, then the objects of its imports (torch, transformers) are left out of
+    the interpreter's last garbage collections, which took 0.85 s of every command's exit on 2 cores."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,0 +1,49 @@
+"""A job started as the CLI starts it, with no Ray running: Ray starts beside the driver's checks, is sized
+again when the plan needs more CPUs than it has, and stops with a refused job."""
+
+import os
+
+import pytest
+import ray
+
+from cluster import launch
+from cluster.job import load_job
+from quantizer.errors import ConfigError
+from rayquant.cli import main
+
+
+def test_a_refused_job_stops_the_ray_started_beside_its_checks(tmp_path, monkeypatch):
+    started = []
+    connect = launch.connect_ray
+    monkeypatch.setattr(launch, "connect_ray", lambda *args: started.append(connect(*args)) or started[-1])
+    job = load_job(None, {"model": str(tmp_path / "nope"), "output_dir": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match="does not exist"):
+        launch.run_job(job)
+    assert started == [True]  # Ray did start meanwhile ...
+    assert not ray.is_initialized()  # ... and is stopped with the refusal
+    assert not (tmp_path / "out").exists()
+
+
+class _PlannedDriver:
+    """What run_job reads of a driver whose plan came out with `stages` stages; its run reports Ray's CPUs."""
+
+    def __init__(self, job, stages: int) -> None:
+        self.job, self.actor_count = job, stages
+
+    def run(self) -> dict:
+        return {"cpus": ray.cluster_resources()["CPU"]}
+
+
+def test_a_plan_with_more_stages_than_cores_gets_a_ray_with_their_cpus(monkeypatch):
+    stages = (os.cpu_count() or 1) + 2  # stages: auto — the early Ray has this machine's cores, the plan needs more
+    monkeypatch.setattr(launch, "_build_driver", lambda job, restart: _PlannedDriver(job, stages))
+    assert launch.run_job(load_job(None, {"resources.cpus_per_stage": 1}))["cpus"] >= stages
+    assert not ray.is_initialized()
+
+
+def test_unreachable_ray_address(tmp_path, tiny_llama, caplog):
+    out = tmp_path / "out"
+    assert main(["quantize", "--out", str(out), "--num-samples", "4", "--max-len", "32", "--model", str(tiny_llama),
+                 "--group-size", "32", "--address", "127.0.0.1:9"]) == 2
+    assert "Ray address 127.0.0.1:9 does not answer" in caplog.text
+    assert not out.exists() and not ray.is_initialized()
