@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from quantizer.transfer import tensor_from_state, tensor_state
+
 
 class HessianAccumulator:
     """Accumulates Σ xᵀx over calibration tokens for a layer with `in_features` inputs."""
@@ -34,6 +36,10 @@ class HessianAccumulator:
         acc.xtx, acc.count = xtx, count
         return acc
 
+    def __reduce__(self):
+        """Pickled as an array (`quantizer.transfer`): workers hand partials to each other every pass."""
+        return _accumulator_from_state, (tensor_state(self.xtx), self.count)
+
     def merge(self, other: "HessianAccumulator") -> None:
         self.xtx += other.xtx.to(self.xtx.device)
         self.count += other.count
@@ -55,6 +61,10 @@ class HessianAccumulator:
             raise RuntimeError("this accumulator's Hessian was already taken")
         if self.count == 0:
             raise RuntimeError("no calibration tokens reached this layer; check the calibration data")
+
+
+def _accumulator_from_state(xtx_state, count: int) -> HessianAccumulator:
+    return HessianAccumulator.from_sum(tensor_from_state(xtx_state), count)
 
 
 def reduce_in_order(partials: list[dict]) -> dict:

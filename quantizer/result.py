@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantizer.transfer import tensor_from_state, tensor_state
+
 
 @dataclass
 class QuantResult:
@@ -18,12 +20,24 @@ class QuantResult:
     cholesky_fallback: str = ""  # set when H needed float64 or extra dampening (GPTQ only)
     row_losses: torch.Tensor | None = None  # [out] each row's share of loss, when a Hessian was given
 
+    def __reduce__(self):
+        """Pickled with its tensors as arrays (`quantizer.transfer`): data-parallel workers send results to every
+        worker each pass."""
+        tensors = (self.codes, self.scales, self.zeros, self.g_idx, self.row_losses)
+        return _result_from_state, (tuple(tensor_state(t) for t in tensors), self.loss, self.seconds,
+                                    self.cholesky_fallback)
+
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """Reconstructed weight W_q: [out, in] float32 (or just `rows` of it)."""
         g = self.g_idx.long()
         scale = self.scales[:, rows].float().t().contiguous().index_select(1, g)  # [rows, in]
         zero = self.zeros[:, rows].float().t().contiguous().index_select(1, g)
         return (self.codes[rows].float() - zero).mul_(scale)
+
+
+def _result_from_state(tensors: tuple, loss: float, seconds: float, fallback: str) -> QuantResult:
+    codes, scales, zeros, g_idx, row_losses = (tensor_from_state(t) for t in tensors)
+    return QuantResult(codes, scales, zeros, g_idx, loss, seconds, fallback, row_losses)
 
 
 def output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:

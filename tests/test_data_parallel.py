@@ -200,3 +200,27 @@ def test_sequences_are_split_by_padded_tokens_and_one_worker_gets_the_single_run
     padded = [sum(b.input_ids.numel() for b in share) for share in shares]
     assert padded == [1209, 1216]  # what the workers' forwards cost (dealt by real tokens: 1234 and 1086)
     assert split_sequences(samples, 2, 4, 0)[1][0].input_ids.tolist() == shares[1][0].input_ids.tolist()
+
+
+def test_partials_and_results_cross_as_arrays_and_arrive_whole_and_writable():
+    import pickle
+
+    import torch
+
+    from quantizer.hessian import HessianAccumulator
+    from quantizer.result import QuantResult
+
+    acc = HessianAccumulator(8)
+    acc.add(torch.randn(20, 8))
+    result = QuantResult(torch.randint(0, 16, (4, 8), dtype=torch.uint8), torch.rand(1, 4).half(),
+                         torch.full((1, 4), 8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32), 0.25,
+                         cholesky_fallback="float64", row_losses=torch.rand(4))
+    buffers: list = []  # pickled out of band, as Ray does, and handed back read-only, as its object store does
+    pickled = pickle.dumps((acc, result), protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) >= 5  # the Hessian and the result's tensors, each outside the pickle
+    acc2, result2 = pickle.loads(pickled, buffers=[bytes(buffer.raw()) for buffer in buffers])
+    assert acc2.count == acc.count and acc2.xtx.equal(acc.xtx)
+    acc2.merge(acc2)  # in place: the received sum is the worker's own to add to
+    for name in ("codes", "scales", "zeros", "g_idx", "row_losses"):
+        assert getattr(result2, name).equal(getattr(result, name))
+    assert (result2.loss, result2.cholesky_fallback) == (0.25, "float64")
