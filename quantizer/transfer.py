@@ -5,7 +5,7 @@ receiver maps it, where torch's own pickling writes a serialized copy and reads 
 2 cores between two actors: a 9.6 MB tensor went from one call's return to the next call's start in 25 ms
 pickled by torch, 12 ms as an array. The receiver copies the array once (the store's memory is read-only),
 so what it gets is an ordinary tensor it may change in place, on the device it was sent from. Dtypes NumPy
-lacks (bfloat16) are left to torch's pickling.
+lacks (bfloat16, float8) are left to torch's pickling.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import torch
 
 def tensor_state(tensor: torch.Tensor | None) -> Any:
     """What to pickle for `tensor`: (array, device), or the tensor itself when NumPy lacks its dtype."""
-    if tensor is None or tensor.dtype == torch.bfloat16:
+    if tensor is None:
+        return None
+    try:
+        return tensor.detach().cpu().numpy(), str(tensor.device)
+    except TypeError:  # bfloat16, float8, …: torch's own pickling
         return tensor
-    return tensor.detach().cpu().numpy(), str(tensor.device)
 
 
 def tensor_from_state(state: Any) -> torch.Tensor | None:
