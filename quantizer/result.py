@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -23,9 +23,9 @@ class QuantResult:
     def __reduce__(self):
         """Pickled with its tensors as arrays (`quantizer.transfer`): data-parallel workers send results to every
         worker each pass."""
-        tensors = (self.codes, self.scales, self.zeros, self.g_idx, self.row_losses)
-        return _result_from_state, (tuple(tensor_state(t) for t in tensors), self.loss, self.seconds,
-                                    self.cholesky_fallback)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors = {name: tensor_state(v) for name, v in values.items() if isinstance(v, torch.Tensor)}
+        return _result_from_state, ({name: v for name, v in values.items() if name not in tensors}, tensors)
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """Reconstructed weight W_q: [out, in] float32 (or just `rows` of it)."""
@@ -35,9 +35,8 @@ class QuantResult:
         return (self.codes[rows].float() - zero).mul_(scale)
 
 
-def _result_from_state(tensors: tuple, loss: float, seconds: float, fallback: str) -> QuantResult:
-    codes, scales, zeros, g_idx, row_losses = (tensor_from_state(t) for t in tensors)
-    return QuantResult(codes, scales, zeros, g_idx, loss, seconds, fallback, row_losses)
+def _result_from_state(values: dict, tensors: dict) -> QuantResult:
+    return QuantResult(**values, **{name: tensor_from_state(state) for name, state in tensors.items()})
 
 
 def output_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> float:
