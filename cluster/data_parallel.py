@@ -58,8 +58,9 @@ def split_sequences(samples: list, workers: int, batch_size: int, pad_id: int) -
         return padded[rank] + (len(share[-open_batch]) if open_batch else len(sample))
 
     for sample in sorted(samples, key=len, reverse=True):
-        rank = min(range(workers), key=lambda r: (padded_with(r, sample), r))
-        padded[rank] = padded_with(rank, sample)
+        after = [padded_with(r, sample) for r in range(workers)]
+        rank = min(range(workers), key=lambda r: (after[r], r))
+        padded[rank] = after[rank]
         shares[rank].append(sample)
     return [make_batches(share, batch_size, pad_id) for share in shares]
 
