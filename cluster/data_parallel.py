@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from cluster.dp_worker import DataParallelWorker, Owners, module_results, pass_totals
+from cluster.dp_worker import DataParallelWorker, Owners, module_losses, pass_totals
 from cluster.plan import LINK_BYTES_PER_S, solving_ranks, worker_flops
 from cluster.progress import JobProgress, StageProgress
 from cluster.timeline import layer_timeline
@@ -93,6 +93,8 @@ class DataParallelRun:
         self.budget = [max_restarts] * self.world
         self.recoveries: list[Recovery] = []
         self.phases: list[dict[str, Any]] = []
+        self.reported: set[int] = set()  # layers whose report went to the progress
+        self.saving: list = []  # worker 0's call saving the last finished layer
 
     def run(self, done: list[int], progress: StageProgress, overall: JobProgress) -> None:
         """Quantize (or replay, when finished earlier) every layer."""
@@ -100,10 +102,13 @@ class DataParallelRun:
         self._form_group()
         ray.get([w.load_batches.remote(share) for w, share in zip(self.workers, self.shares)])
         overall.activity = f"{self.world} data-parallel workers up"
-        index = 0
-        while index < self.reader.num_layers:
+        saved, index = set(done), 0
+        while True:
             try:
-                if index in done:
+                if index == self.reader.num_layers:
+                    ray.get([*self.saving, self.workers[0].flush.remote()])  # the last layer's checkpoint is written
+                    return
+                if index in saved:
                     progress.update(StagePhase(index, "replaying the finished layer from its checkpoint"))
                     replays = ray.get([w.replay.remote(index) for w in self.workers])
                     old = replays[0][1]
@@ -111,19 +116,23 @@ class DataParallelRun:
                     progress.update(old)
                 else:
                     self._layer(index, progress)
-                    done.append(index)
                 index += 1
             except ray.exceptions.RayError as exc:
-                target = self._recover(exc, index)
-                for finished in range(index, target):  # checkpointed before the loss: its report is kept
-                    progress.update(self.layer_store.report(finished))
-                index = target
+                self.saving = []
+                index = self._recover(exc, index)
+                saved = set(self.layer_store.done())
+                for finished in sorted(saved - self.reported):  # checkpointed before the loss: its report is kept
+                    if finished < index:
+                        progress.update(self.layer_store.report(finished))
+                        self.reported.add(finished)
 
     def _layer(self, index: int, progress: StageProgress) -> None:
         """One layer on every worker. Each pass is submitted whole — capture, then the exchange and solves; a
         worker runs its calls in order and Ray hands results from one to the next; through the object store a
-        pass's results are applied by the next pass's capture — and the driver reads a pass's outcome once the
-        next pass is queued, so within a layer the workers never wait on the driver."""
+        pass's results are applied by the next pass's capture — and the driver reads a pass's outcome (a
+        summary: no tensors) once the next pass is queued, and the forward through the quantized layer is
+        queued before the last pass is read, so within a layer the workers never wait on the driver. Worker
+        0 checkpoints the layer (in the background, during the next one) once the report is whole."""
         started, wall = time.time(), time.perf_counter()
         arch = self.reader.arch
         passes = layer_passes(arch.spec(index), arch.num_experts(index), self.qcfg.experts_per_chunk,
@@ -142,7 +151,7 @@ class DataParallelRun:
             begun = [w.begin_layer.remote(index) for w in self.workers]
         phase = {"layer": index, "forward_s": 0.0, "hessian_s": 0.0, "reduce_s": 0.0, "solve_s": 0.0,
                  "broadcast_s": 0.0, "hessian_bytes": 0, "result_bytes": 0}
-        previous: list = []  # the last pass's solve outputs (object store), applied by each worker's next call
+        previous: list = []  # the last pass's results (object store), applied by each worker's next call
         pending: tuple | None = None
         part_writes: list = []  # worker 0's part checkpoints, each once the passes before it are collected
         self.collected = wall
@@ -158,37 +167,40 @@ class DataParallelRun:
             metas = [w.capture.remote(p, *previous) for w in self.workers]
             counts = metas if step.experts is not None else []  # only a pass over experts waits for every count
             if self.collective:  # the workers exchange partials and results among themselves
-                solved, sent = [w.exchange.remote(p, owners, *counts) for w in self.workers], None
+                summaries, sent = [w.exchange.remote(p, owners, *counts) for w in self.workers], None
             else:  # partials to the ranks that solve them, results to every worker, through the object store
                 parts = [w.partials.options(num_returns=self.world + 1).remote(owners, *counts) for w in self.workers]
-                solved = [self.workers[r].solve.remote(p, owners, *[worker_parts[r] for worker_parts in parts])
+                solves = [self.workers[r].solve.remote(p, owners, *[worker_parts[r] for worker_parts in parts])
                           for r in range(self.world)]
-                sent, previous = [worker_parts[-1] for worker_parts in parts], solved
+                previous, summaries = [solved for solved, _ in solves], [summary for _, summary in solves]
+                sent = [worker_parts[-1] for worker_parts in parts]
             if pending is not None:
                 self._collect(report, phase, *pending[1:])
                 if part_after(passes, pending[0]):
                     part_writes.append(self.workers[0].save_part.remote(report))
-            pending = (p, index, step, begun + metas, solved, sent)
+            pending = (p, index, step, begun + metas, summaries, sent)
             begun = []
-        self._collect(report, phase, *pending[1:])  # the report is whole before worker 0 saves it with the layer
+        forward = [w.finish_layer.remote(*previous) for w in self.workers]
+        self._collect(report, phase, *pending[1:])
         ray.get(part_writes)
         progress.update(StagePhase(index, "forward through the quantized layer"))
         report.finished = time.time()
+        outputs = ray.get(forward)
+        phase["forward_s"] += max(f["forward_s"] for f in outputs)
+        phase["broadcast_s"] += max(f["broadcast_s"] for f in outputs)
         report.seconds = time.perf_counter() - wall
-        forward = ray.get([w.finish_layer.remote(report if rank == 0 else None, *previous)
-                           for rank, w in enumerate(self.workers)])
-        phase["forward_s"] += max(f["forward_s"] for f in forward)
-        phase["broadcast_s"] += max(f["broadcast_s"] for f in forward)
-        report.seconds = time.perf_counter() - wall
-        phase["timeline"] = layer_timeline(started, report.seconds, [f["events"] for f in forward])
+        phase["timeline"] = layer_timeline(started, report.seconds, [f["events"] for f in outputs])
+        ray.get(self.saving)  # the layer before's save call (its write is waited for by this one)
+        self.saving = [self.workers[0].save_layer.remote(index, report)]
         self.phases.append(phase)
         progress.update(report)
+        self.reported.add(index)
 
-    def _collect(self, report: LayerReport, phase: dict[str, Any], index: int, step, metas: list, solved: list,
+    def _collect(self, report: LayerReport, phase: dict[str, Any], index: int, step, metas: list, summaries: list,
                  sent: list | None) -> None:
         """A pass's outcome into the layer's report and phase times: counts, losses, fallbacks, bytes moved."""
         meta = ray.get(metas)[-self.world:]
-        outputs = _get_all(solved)
+        outputs = _get_all(summaries)
         if sent is not None:
             for output, hessian_bytes in zip(outputs, ray.get(sent)):
                 output["hessian_bytes_sent"] = hessian_bytes
@@ -200,10 +212,10 @@ class DataParallelRun:
             phase[key] += max(o.get(key, 0.0) for o in outputs)
         phase["hessian_bytes"] += sum(o["hessian_bytes_sent"] for o in outputs)
         phase["result_bytes"] += sum(o["result_bytes_sent"] for o in outputs)
-        for name, result in module_results(outputs, self.reader.linear_shapes(index)):
-            report.losses[name] = result.loss
-            if result.cholesky_fallback:
-                report.cholesky_fallbacks[name] = result.cholesky_fallback
+        for name, loss, fallback in module_losses(outputs, self.reader.linear_shapes(index)):
+            report.losses[name] = loss
+            if fallback:
+                report.cholesky_fallbacks[name] = fallback
         for output in outputs:
             report.hessian_tokens.update(output["hessian_tokens"])
             report.expert_fallbacks.update(output["expert_fallbacks"])
@@ -234,8 +246,9 @@ class DataParallelRun:
         return lost
 
     def _recover(self, exc: BaseException, index: int) -> int:
-        """A worker died (its node, or its process) during layer `index`: wait for Ray to restart it, then
-        bring every worker to the inputs of the first layer not checkpointed yet — the restarted one by
+        """A worker died (its node, or its process) during layer `index` (`num_layers`: as the last checkpoint
+        was written): wait for Ray to restart it, then bring every worker to the inputs of the first layer not
+        checkpointed yet — the restarted one by
         replaying the finished layers on its sequences, one that went past it by starting over — and return
         that layer, which every worker then quantizes again. Under the collective transport the group dies
         with any of its members: every worker is restarted and the group formed anew."""
@@ -257,8 +270,8 @@ class DataParallelRun:
             wait_until_restarted(self.workers[rank], rank, old_pid=None if rank in lost else self.pids[rank])
         self.pids = ray.get([w.pid.remote() for w in self.workers])
         self._form_group()
-        saved = set(self.layer_store.done())
-        target = index + 1 if index in saved else index
+        saved = set(self.layer_store.done())  # (a layer's checkpoint is written during the next layer)
+        target = min(set(range(self.reader.num_layers + 1)) - saved)
         positions = ray.get([w.at_layer.remote() for w in self.workers])
         replays = []
         for rank, (worker, position) in enumerate(zip(self.workers, positions)):

@@ -51,11 +51,6 @@ def pass_totals(metas: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> dic
             "expert_tokens": [sum(col) for col in zip(*counted)] if counted else []}
 
 
-def _solved(output: dict[str, Any]) -> dict[str, Any]:
-    """What of a worker's solve output goes to every worker: whole units' results and row shares."""
-    return {"results": output["results"], "shares": output["shares"]}
-
-
 def module_results(solved: list[dict[str, Any]], shapes: dict[str, tuple[int, int]]
                    ) -> list[tuple[str, QuantResult]]:
     """Every module's result from the workers' solve outputs (rank order): units solved whole as they are;
@@ -69,6 +64,35 @@ def module_results(solved: list[dict[str, Any]], shapes: dict[str, tuple[int, in
     for unit, parts in pieces.items():
         results += split_rows(unit, merge_rows(parts), [shapes[name][0] for name in unit]).items()
     return results
+
+
+def solve_summary(results: list[tuple[str, QuantResult]], shares: list[tuple[Unit, QuantResult]]
+                  ) -> dict[str, list]:
+    """What the driver reads of a worker's solves (never the tensors): each whole module's (loss, Cholesky
+    fallback), and each row share's per-row losses [rows] (None for a solve without a Hessian)."""
+    return {"losses": [(name, r.loss, r.cholesky_fallback) for name, r in results],
+            "share_losses": [(unit, r.row_losses, r.cholesky_fallback) for unit, r in shares]}
+
+
+def module_losses(summaries: list[dict[str, Any]], shapes: dict[str, tuple[int, int]]
+                  ) -> list[tuple[str, float, str]]:
+    """(module, loss, Cholesky fallback) of every module of a pass from the workers' summaries (rank order):
+    a unit solved in row shares has its rows' losses joined in rank order (row order) and summed per module —
+    the numbers `module_results` gives from the merged results. `shapes`: the layer's {module: (rows, in)}."""
+    losses = [item for summary in summaries for item in summary["losses"]]
+    pieces: dict[Unit, list[tuple[torch.Tensor | None, str]]] = {}
+    for summary in summaries:
+        for unit, row_losses, fallback in summary["share_losses"]:
+            pieces.setdefault(unit, []).append((row_losses, fallback))
+    for unit, parts in pieces.items():
+        rows = None if parts[0][0] is None else torch.cat([r for r, _ in parts])
+        start = 0
+        for name in unit:
+            width = shapes[name][0]
+            loss = 0.0 if rows is None else float(rows[start:start + width].sum())
+            losses.append((name, loss, parts[0][1]))
+            start += width
+    return losses
 
 
 def _hessian_bytes(accs: dict) -> int:
@@ -103,6 +127,8 @@ class DataParallelWorker:
         self.first_pass = 0  # the pass the current layer started from (after its part checkpoints, if resumed)
         self.part: tuple | None = None  # (rank 0) the layer as of the last chunk's start, until `save_part`
         self.saving_part: Future | None = None  # (rank 0) the part checkpoint being written
+        self.unsaved: dict[int, dict[str, torch.Tensor]] = {}  # (rank 0) finished layers' tensors, until `save_layer`
+        self.saving_layer: Future | None = None  # (rank 0) the layer checkpoint being written
 
     def pid(self) -> int:
         return os.getpid()
@@ -121,6 +147,7 @@ class DataParallelWorker:
         """A finished layer (from the layer store): push this worker's batches through it. Returns the seconds
         and the report saved with the layer."""
         start = time.perf_counter()
+        self.flush()
         saved = self.layer_store.load(index)
         if saved is None:
             raise RuntimeError(f"layer {index} has no checkpoint to replay")
@@ -188,36 +215,39 @@ class DataParallelWorker:
         self.bytes_sent += sent
         return (*parts, sent)
 
-    def solve(self, pass_index: int, owners: Owners, *partials: dict) -> dict[str, Any]:
-        """Object-store transport: sum the W partials of this worker's units in worker order, then solve them."""
+    @ray.method(num_returns=2)
+    def solve(self, pass_index: int, owners: Owners, *partials: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Object-store transport: sum the W partials of this worker's units in worker order, then solve them.
+        Returns the results for every worker (applied by its next call) and the summary for the driver."""
         with self.timeline.span("reduce") as span:
             accs = reduce_in_order(list(partials))
-        output = self._solve(pass_index, owners, accs, span.seconds)
-        self.bytes_sent += output["result_bytes_sent"]
-        return output
+        solved, summary = self._solve(pass_index, owners, accs, span.seconds)
+        self.bytes_sent += summary["result_bytes_sent"]
+        return solved, summary
 
     def exchange(self, pass_index: int, owners: Owners, *metas: dict[str, Any]) -> dict[str, Any]:
         """Collective transport: the whole exchange of a pass on every worker at once — partials to the ranks
         that solve them (summed in worker order), this worker's solves, every worker's results to every
-        worker."""
+        worker. Returns the summary for the driver."""
         with self.timeline.span("reduce") as span:
             accs, sent = collective.reduce_to_owners(self._settled(owners, metas), owners, self.rank, self.world)
         self.bytes_sent += sent
-        output = self._solve(pass_index, owners, accs, span.seconds)
-        output["hessian_bytes_sent"] = sent
+        solved, summary = self._solve(pass_index, owners, accs, span.seconds)
+        summary["hessian_bytes_sent"] = sent
         collective.barrier()  # every worker has solved: the broadcast's time is then its own, not a wait
         with self.timeline.span("broadcast") as span:
-            outputs, result_sent = collective.broadcast_from_owners(_solved(output), self.rank, self.world,
-                                                                   self.engine.device)
+            outputs, result_sent = collective.broadcast_from_owners(solved, self.rank, self.world, self.engine.device)
             self.bytes_sent += result_sent
-            output["result_bytes_sent"] = result_sent
+            summary["result_bytes_sent"] = result_sent
             self._apply_results(outputs)
-        output["broadcast_s"] = span.seconds
-        return output
+        summary["broadcast_s"] = span.seconds
+        return summary
 
-    def _solve(self, pass_index: int, owners: Owners, accs: dict, reduce_s: float) -> dict[str, Any]:
+    def _solve(self, pass_index: int, owners: Owners, accs: dict, reduce_s: float
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
         """This worker's units of the pass: those it owns alone, whole, and its share of the rows of those
-        every worker solves."""
+        every worker solves. Returns what every worker applies ({"results", "shares"}) and the summary for the
+        driver (`solve_summary`, counts, bytes, seconds)."""
         with self.timeline.span("solve") as span:
             report = LayerReport(layer=self.work.index)
             results: list[tuple[str, QuantResult]] = []
@@ -230,16 +260,17 @@ class DataParallelWorker:
                 if split:
                     shares += self.engine.solve_shares(self.work.layer, split, accs, report, self.rank, self.world)
         size = sum(r.codes.numel() + r.scales.numel() * 2 + r.zeros.numel() * 4 for _, r in results + shares)
-        return {"results": results, "shares": shares, "result_bytes_sent": size * (self.world - 1),
-                "hessian_tokens": report.hessian_tokens, "expert_fallbacks": report.expert_fallbacks,
-                "reduce_s": reduce_s, "solve_s": span.seconds}
+        return {"results": results, "shares": shares}, {
+            **solve_summary(results, shares), "result_bytes_sent": size * (self.world - 1),
+            "hessian_tokens": report.hessian_tokens, "expert_fallbacks": report.expert_fallbacks,
+            "reduce_s": reduce_s, "solve_s": span.seconds}
 
-    def apply(self, *outputs: dict[str, Any]) -> None:
+    def apply(self, *solved: dict[str, Any]) -> None:
         """Object-store transport: every worker's results, in rank order (later passes and the output forward
         see them); the next `capture` or `finish_layer` call brings them, so a pass costs no call of its own."""
-        if outputs:
+        if solved:
             with self.timeline.span("broadcast") as span:
-                self._apply_results([_solved(output) for output in outputs])
+                self._apply_results(list(solved))
             self.broadcast_s += span.seconds
 
     def save_part(self, report: LayerReport) -> None:
@@ -252,34 +283,42 @@ class DataParallelWorker:
                                                          tensors, json.dumps(dataclasses.asdict(report)), state)
 
     def flush(self) -> None:
-        """Wait for the part checkpoint being written (its errors raise here)."""
-        if self.saving_part is not None:
-            saving, self.saving_part = self.saving_part, None
-            saving.result()
+        """Wait for the checkpoints being written, the part and the layer (their errors raise here)."""
+        for attr in ("saving_part", "saving_layer"):
+            saving = getattr(self, attr)
+            if saving is not None:
+                setattr(self, attr, None)
+                saving.result()
+
+    def save_layer(self, index: int, report: LayerReport) -> None:
+        """(Worker 0) checkpoint finished layer `index` with `report` — the driver's, whole once every worker's
+        forward is in —, in the background while the next layer runs."""
+        tensors = self.unsaved.pop(index)
+        if self.saving_layer is not None and not self.saving_layer.done():
+            with self.timeline.span("save"):  # the layer before is still being written
+                self.flush()
+        self.flush()
+        report.peak_rss_mb = peak_rss_mb()
+        self.saving_layer = self.engine.background.submit(self.layer_store.save, index, tensors, report)
 
     def _apply_results(self, solved: list[dict[str, Any]]) -> None:
         for name, result in module_results(solved, self.reader.linear_shapes(self.work.index)):
             self.work.apply(name, result)
 
-    def finish_layer(self, report: LayerReport | None, *previous: dict[str, Any]) -> dict[str, Any]:
-        """Push this worker's batches through the quantized layer; with `report` (one worker does this), also
-        checkpoint the layer, in the background meanwhile, as the next layer's weights are read. Returns the
-        forward seconds, the seconds spent applying other workers' results (object-store transport: `previous`,
-        the last pass's solve outputs, are applied first) and this layer's timeline on this worker."""
+    def finish_layer(self, *previous: dict[str, Any]) -> dict[str, Any]:
+        """Push this worker's batches through the quantized layer, reading the next layer's weights meanwhile;
+        worker 0 keeps the layer's tensors until `save_layer`. Returns the forward seconds, the seconds spent
+        applying other workers' results (object-store transport: `previous`, the last pass's results, are
+        applied first) and this layer's timeline on this worker."""
         self.apply(*previous)
         self.flush()  # the layer's file replaces its parts: none may land after it
         index, tensors = self.work.index, self.work.finish()
         self.work = None  # the float layer goes before the quantized one is built
-        saving = None
-        if report is not None:  # written while the forward runs (it only reads the tensors)
-            report.peak_rss_mb = peak_rss_mb()
-            saving = self.engine.background.submit(self.layer_store.save, index, tensors, report)
-        self.engine.prefetch(index + 1)  # the next layer's weights are read meanwhile too
+        if self.rank == 0:
+            self.unsaved[index] = tensors
+        self.engine.prefetch(index + 1)
         with self.timeline.span("forward") as span:
             self._forward(index, tensors)
-        if saving is not None:
-            with self.timeline.span("save"):  # what is left of the write: the layer is saved when this returns
-                saving.result()
         applied, self.broadcast_s = self.broadcast_s, 0.0
         return {"forward_s": span.seconds, "broadcast_s": applied, "events": self.timeline.take()}
 
@@ -295,6 +334,7 @@ class DataParallelWorker:
         self.position = index + 1
 
     def write_shard(self, folder: str, name: str, layers: range, first: bool, last: bool) -> dict[str, Any]:
+        self.flush()
         return write_layers_shard(self.reader, self.layer_store, layers, first, last, self.engine.out_dtype, folder,
                                   name)
 

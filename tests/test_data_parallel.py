@@ -92,12 +92,12 @@ def test_report_has_every_workers_busy_and_idle_time(runs):
         assert len(timeline["workers"]) == 2
         for worker in timeline["workers"]:
             phases = [span[0] for span in worker["spans"]]
-            assert phases[0] == "load" and "forward" in phases[-2:] and "solve" in phases and "capture" in phases
+            assert phases[0] == "load" and phases[-1] == "forward" and "solve" in phases and "capture" in phases
             assert all(0 <= t0 <= t1 <= timeline["wall_s"] + 0.5 for _, t0, t1 in worker["spans"])
             busy = sum(worker["busy_s"].values())
             assert busy > 0 and worker["idle_s"] == pytest.approx(max(0.0, timeline["wall_s"] - busy), abs=1e-3)
-        # rank 0 checkpoints the layer while its forward runs: the save span is what was left after the forward
-        assert [span[0] for span in timeline["workers"][0]["spans"]][-2:] == ["forward", "save"]
+        # rank 0 checkpoints the layer in the background during the next one: each layer ends with its forward
+        assert all(worker["spans"][-1][0] == "forward" for worker in timeline["workers"])
     totals = dp["worker_time"]
     assert [t["rank"] for t in totals] == [0, 1]
     assert all(0 < t["busy_fraction"] <= 1.01 and t["busy_s"]["solve"] > 0 for t in totals)
