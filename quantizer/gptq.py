@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SUB_BLOCK = 16  # columns per rank-1 update region inside a lazy block
 LOSS_ROWS = 1024  # rows dequantized at a time for the loss
+CHOLESKY_LEAF = 512  # (CPU) Cholesky of at most this order by LAPACK, larger ones by halves (`_cholesky`)
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor | list[torch.Tensor], damp_percent: float
@@ -51,8 +52,8 @@ def inverse_hessian_cholesky(hessian: torch.Tensor | list[torch.Tensor], damp_pe
         h = reversed_h if dtype == torch.float32 else reversed_h.to(dtype)
         lam = damp * torch.mean(torch.diag(h))
         h.diagonal().add_(lam)
-        factor, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:  # free each [in, in] matrix once the next one exists
+        factor, info = _cholesky(h)
+        if info == 0:  # free each [in, in] matrix once the next one exists
             del h, reversed_h
             inverse = _lower_triangular_inverse(factor)
             del factor
@@ -62,6 +63,30 @@ def inverse_hessian_cholesky(hessian: torch.Tensor | list[torch.Tensor], damp_pe
         fallback = "float64" + (f", damp_percent={damp * 10:.3g}" if dtype == torch.float64 else "")
         log.warning("Cholesky of H failed (%s, damp_percent=%.3g); retrying", dtype, damp)
     raise RuntimeError("the Hessian is not positive definite even with heavy dampening; check the calibration data")
+
+
+def _cholesky(h: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor L of h: [n, n] (LLᵀ = h) and LAPACK's info (0: success). On CPUs above
+    CHOLESKY_LEAF by halves, so that most of the work is matrix products — about twice as fast as LAPACK's
+    own (n = 1536 and 4096, 1 and 2 threads): [[A, ·], [B, C]] = LLᵀ with L = [[L_A, 0], [B L_A⁻ᵀ, L_S]],
+    L_S the factor of C − (B L_A⁻ᵀ)(B L_A⁻ᵀ)ᵀ, which is formed in L's own corner."""
+    n = h.shape[0]
+    if h.device.type != "cpu" or n <= CHOLESKY_LEAF:
+        factor, info = torch.linalg.cholesky_ex(h)
+        return factor, int(info)
+    k = n // 2
+    factor = torch.zeros_like(h)
+    top, info = _cholesky(h[:k, :k])
+    if info:
+        return factor, info
+    factor[:k, :k] = top
+    below = factor[k:, :k]
+    below.copy_(torch.linalg.solve_triangular(top, h[k:, :k].t(), upper=False).t())
+    corner = factor[k:, k:]
+    corner.copy_(h[k:, k:]).addmm_(below, below.t(), alpha=-1)
+    rest, info = _cholesky(corner)
+    corner.copy_(rest)
+    return factor, info
 
 
 def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:

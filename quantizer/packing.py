@@ -42,11 +42,14 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     n, m = values.shape
     if (n * bits) % 32:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole 32-bit words")
+    if 32 % bits == 0:  # 2/4/8 bits: each word holds 32/bits whole fields — shift each into place, OR them in
+        per_word = 32 // bits  # (in int32: torch shifts signed integers as unsigned, the top field sets the sign)
+        fields = values.to(torch.int32).view(n // per_word, per_word, m)
+        words = fields[:, 0].clone()
+        for j in range(1, per_word):
+            words.bitwise_or_(fields[:, j] << (bits * j))
+        return words
     v = values.to(torch.int64)
-    if 32 % bits == 0:  # 2/4/8 bits: each word holds 32/bits whole fields — shift them in place and add them up
-        shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=v.device).view(1, -1, 1)
-        words = (v.view(n * bits // 32, 32 // bits, m) << shifts).sum(dim=1)  # disjoint fields: sum = bitwise or
-        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     offset = torch.arange(n, dtype=torch.int64, device=v.device) * bits  # bit position of each value
     word = (offset // 32).unsqueeze(1).expand(n, m)
     shift = (offset % 32).unsqueeze(1)

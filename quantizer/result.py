@@ -28,11 +28,17 @@ class QuantResult:
         return _result_from_state, ({name: v for name, v in values.items() if name not in tensors}, tensors)
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
-        """Reconstructed weight W_q: [out, in] float32 (or just `rows` of it)."""
+        """Reconstructed weight W_q = (q − zero)·scale: [out, in] float32 (or just `rows` of it). Groups in
+        column order (g_idx = column // group size) broadcast per group; any other g_idx gathers each column's."""
+        w = self.codes[rows].float()  # [rows, in], a new tensor: the rest is in place
+        scale, zero = self.scales[:, rows].float().t(), self.zeros[:, rows].float().t()  # [rows, groups]
         g = self.g_idx.long()
-        scale = self.scales[:, rows].float().t().contiguous().index_select(1, g)  # [rows, in]
-        zero = self.zeros[:, rows].float().t().contiguous().index_select(1, g)
-        return (self.codes[rows].float() - zero).mul_(scale)
+        size = w.shape[1] // scale.shape[1]
+        if size * scale.shape[1] == w.shape[1] and torch.equal(g, torch.arange(w.shape[1], device=g.device) // size):
+            grouped = w.view(w.shape[0], scale.shape[1], size)
+            grouped.sub_(zero.unsqueeze(2)).mul_(scale.unsqueeze(2))
+            return w
+        return w.sub_(zero.index_select(1, g)).mul_(scale.index_select(1, g))
 
 
 def _result_from_state(values: dict, tensors: dict) -> QuantResult:

@@ -167,7 +167,8 @@ def test_row_shares_solved_apart_are_the_bits_of_one_solve(bits, group_size, des
 
 
 def _textbook_subblock(w, hinv, scale, zero, codes, err, maxq):
-    """The per-column loop as the GPTQ reference writes it: quantize, dequantize, scaled error, rank-1 update."""
+    """The per-column loop as the GPTQ reference writes it: quantize, dequantize, scaled error, rank-1 update
+    (written as ours is, one fused op: as `w -= outer(h, e)` it rounds differently in the last bit)."""
     from quantizer.grid import dequantize_codes, quantize_codes
 
     for c in range(w.shape[0]):
@@ -175,7 +176,7 @@ def _textbook_subblock(w, hinv, scale, zero, codes, err, maxq):
         q = quantize_codes(w[c], s, z, maxq)
         codes[c] = q
         err[c] = (w[c] - dequantize_codes(q, s, z)) / hinv[c, c]
-        w[c + 1:] -= torch.outer(hinv[c, c + 1:], err[c])
+        w[c + 1:].addr_(hinv[c, c + 1:], err[c], alpha=-1)
 
 
 @pytest.mark.parametrize("settings", [{"bits": 4, "sym": True, "desc_act": True, "static_groups": True},
