@@ -38,6 +38,7 @@ from quantizer.sources import ModelRef
 from quantizer.sources import resolve_model as resolve_model_name
 from quantizer.storage import Location, file_sha256, is_url, local_copy
 from rayquant.ray_connect import connect_ray
+from rayquant.ray_private import stop_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ class Driver:
             finally:
                 overall.stop()
                 if owns_ray:
-                    ray.shutdown()
+                    stop_local_ray()
             out_dtype = output_dtype(self.reader.embedding_info().dtype_torch)
             files = write_metadata(target.staging, self.reader, job.quant, self.intermediate, out_dtype)
             report = self._report(started, progress, shards, stats, settings)

@@ -17,6 +17,7 @@ import ray
 
 from cluster.job import JobConfig
 from rayquant.ray_connect import connect_ray
+from rayquant.ray_private import stop_local_ray
 
 if TYPE_CHECKING:
     from cluster.driver import Driver
@@ -47,9 +48,9 @@ def run_job(job: JobConfig, restart: bool = False) -> dict[str, Any]:
         needed = driver.job.actor_cpus(driver.actor_count)[1]
         if started and needed > ray.cluster_resources().get("CPU", 0):
             log.info("the plan needs %d CPUs: starting the local Ray again with them", needed)
-            ray.shutdown()
+            stop_local_ray()
             connect_ray(job.ray_address, needed)
         return driver.run()
     finally:
         if started and ray.is_initialized():
-            ray.shutdown()
+            stop_local_ray()

@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import ray
 
     from rayquant.ray_connect import connect_ray
+    from rayquant.ray_private import stop_local_ray
     from serving.config import load_serve_config
     from serving.deployment import start_server, stop_server
 
@@ -72,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if ray.is_initialized():
             stop_server(config, started_serve)
         if started:
-            ray.shutdown()
+            stop_local_ray()
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

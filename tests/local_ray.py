@@ -8,11 +8,12 @@ LOCAL_RAY = {"address": "local", "num_cpus": 4, "include_dashboard": False, "log
 def stop_ray() -> None:
     """Shut this process's Ray down and forget any Serve client of it (a client left by a failed test would send
     the next cluster's calls to this one's dead controller)."""
-    import ray
     from ray.serve.context import _set_global_client
 
+    from rayquant.ray_private import stop_local_ray
+
     _set_global_client(None)
-    ray.shutdown()
+    stop_local_ray()
 
 
 def fresh_local_ray() -> None:

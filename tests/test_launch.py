@@ -47,3 +47,29 @@ def test_unreachable_ray_address(tmp_path, tiny_llama, caplog):
                  "--group-size", "32", "--address", "127.0.0.1:9"]) == 2
     assert "Ray address 127.0.0.1:9 does not answer" in caplog.text
     assert not out.exists() and not ray.is_initialized()
+
+
+def test_the_local_ray_stops_its_processes_side_by_side_and_leaves_none(monkeypatch):
+    """Ray's own shutdown stops its processes one after another, each given up to 1 s after SIGTERM (the
+    autoscaler's monitor never exits on it: ≥ 1.3 s per local Ray); rayquant's stops them side by side. Ray's
+    one-at-a-time path is not taken, and every process the local Ray started is gone afterwards."""
+    from ray._private.node import Node
+
+    pids: list[int] = []
+
+    class Driver(_PlannedDriver):
+        def run(self) -> dict:
+            node = ray._private.worker._global_node
+            pids.extend(info.process.pid for infos in node.all_processes.values() for info in infos)
+            return {}
+
+    def one_at_a_time(*args, **kwargs):
+        raise AssertionError("Ray's one-process-at-a-time stop was used")
+
+    monkeypatch.setattr(launch, "_build_driver", lambda job, restart: Driver(job, 1))
+    monkeypatch.setattr(Node, "_kill_process_type", one_at_a_time)
+    launch.run_job(load_job(None, {}))
+    assert len(pids) >= 3 and not ray.is_initialized()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
