@@ -120,6 +120,7 @@ class DataParallelWorker:
         self.position = 0  # the layer whose inputs self.handles hold
         self.work: LayerWork | None = None
         self.accs: dict = {}  # the current pass's partial Hessians, until they are sent
+        self.own_part: dict | None = None  # (object store) this worker's partials of the units it solves, kept here
         self.bytes_sent = 0  # Hessian partials and results this worker sent to other workers
         self.timeline = Timeline()  # this layer's busy spans, returned by finish_layer
         self.broadcast_s = 0.0  # this layer's time applying other workers' results (object-store transport)
@@ -207,20 +208,24 @@ class DataParallelWorker:
 
     def partials(self, owners: Owners, *metas: dict[str, Any]) -> tuple:
         """Object-store transport: this worker's partials, one object per rank ({unit: accumulator} of the
-        units that rank solves, whole or a share of their rows), then the bytes sent to other ranks."""
+        units that rank solves, whole or a share of their rows) — its own share stays here, for its `solve`
+        (None in its place) — then the bytes sent to other ranks."""
         with self.timeline.span("reduce"):
             accs = self._settled(owners, metas)
             parts = [{unit: acc for unit, acc in accs.items() if rank in owners[unit]} for rank in range(self.world)]
-        sent = sum(_hessian_bytes(part) for rank, part in enumerate(parts) if rank != self.rank)
+        self.own_part, parts[self.rank] = parts[self.rank], None
+        sent = sum(_hessian_bytes(part) for part in parts if part is not None)
         self.bytes_sent += sent
         return (*parts, sent)
 
     @ray.method(num_returns=2)
-    def solve(self, pass_index: int, owners: Owners, *partials: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Object-store transport: sum the W partials of this worker's units in worker order, then solve them.
-        Returns the results for every worker (applied by its next call) and the summary for the driver."""
+    def solve(self, pass_index: int, owners: Owners, *partials: dict | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Object-store transport: sum the W partials of this worker's units in worker order (its own kept by
+        `partials`), then solve them. Returns the results for every worker (applied by its next call) and the
+        summary for the driver."""
         with self.timeline.span("reduce") as span:
-            accs = reduce_in_order(list(partials))
+            own, self.own_part = self.own_part, None
+            accs = reduce_in_order([own if rank == self.rank else part for rank, part in enumerate(partials)])
         solved, summary = self._solve(pass_index, owners, accs, span.seconds)
         self.bytes_sent += summary["result_bytes_sent"]
         return solved, summary
