@@ -5,6 +5,9 @@
    torch.distributed over gloo: checked to give the same tensors), and two sequential jobs at once: the
    most two processes get from this machine, the ceiling for any two-worker schedule (`of_ceiling`: the
    share of it each schedule reaches; `busy_fraction`: each worker's busy share of the layers' wall time).
+   The sequential, data-parallel and ceiling runs repeat in `--rounds` rounds, one after the other (the
+   machine's speed drifts by a few percent within minutes): wall times are their medians, and each round's
+   share of its own ceiling is listed too.
    The timeline of the median layer (each worker's busy spans by phase) goes to data_parallel_timeline; the
    seconds of each phase over all layers, the sequential stage's against the two workers' summed (what the
    schedule adds to the work, and the workers' idle time), to data_parallel_cpu.
@@ -13,7 +16,7 @@
    the bytes moved per layer. (Qwen2-72B's layer does not fit twice in this machine's 24 GiB: its down_proj
    Hessian alone is 3.5 GB per worker.)
 
-Usage: python -m bench.data_parallel [--windows 32] [--default-job-only]   (~30 min on 2 cores)
+Usage: python -m bench.data_parallel [--windows 32] [--rounds 2] [--default-job-only]   (~40 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -89,11 +92,11 @@ def timeline_rows(layer: dict) -> list[dict]:
             for rank, worker in enumerate(layer["timeline"]["workers"]) for phase, t0, t1 in worker["spans"]]
 
 
-def two_jobs_at_once(tmp: Path, alone_s: float) -> dict:
+def two_jobs_at_once(tmp: Path) -> dict:
     """Two sequential 1-thread default jobs started together: what two processes get from this machine's two
-    cores (shared caches and memory bandwidth), the ceiling for any 2-worker schedule. `speedup`: the work of
-    two jobs over the time they took, against one job alone."""
+    cores (shared caches and memory bandwidth), the ceiling for any 2-worker schedule: the time both took."""
     walls: list[float] = [0.0, 0.0]
+    tmp.mkdir(parents=True, exist_ok=True)
 
     def job(k: int) -> None:
         walls[k] = run_cli("quantize", "--config", "configs/default.yaml", "--out", str(tmp / f"concurrent-{k}"),
@@ -104,8 +107,7 @@ def two_jobs_at_once(tmp: Path, alone_s: float) -> dict:
         thread.start()
     for thread in threads:
         thread.join()
-    return {"run": "two sequential jobs at once, 1 thread each (the machine's 2-process ceiling)",
-            "quantize_s": max(walls), "speedup": 2 * alone_s / max(walls)}
+    return {"quantize_s": max(walls)}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -118,26 +120,44 @@ def same_tensors(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of sequential, data-parallel and the "
+                        "ceiling, one after the other; wall times are the medians (default 2)")
     parser.add_argument("--default-job-only", action="store_true", help="skip the 7B-shaped layer")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        outs = []
-        for k, (run, flags) in enumerate(DEFAULT_JOB_RUNS):
-            outs.append(Path(tmp) / f"default-{k}")
-            _, wall = run_cli("quantize", "--config", "configs/default.yaml", "--out", str(outs[-1]), *flags)
-            report = json.loads((outs[-1] / "quantize_report.json").read_text())
-            rows.append({**phase_row(run, report, wall), "perplexity": perplexity(str(outs[-1]), args.windows)})
+        outs = [Path(tmp) / f"default-{k}" for k in range(len(DEFAULT_JOB_RUNS))]
+        walls: list[list[float]] = [[] for _ in range(len(DEFAULT_JOB_RUNS) + 1)]  # the runs, then the ceiling
+        for round_ in range(args.rounds):  # the collective run once, in the first round
+            for k, (run, flags) in enumerate(DEFAULT_JOB_RUNS[:2] if round_ else DEFAULT_JOB_RUNS):
+                out = outs[k] if round_ == 0 else Path(tmp) / f"default-{k}-{round_}"
+                walls[k].append(run_cli("quantize", "--config", "configs/default.yaml", "--out", str(out), *flags)[1])
+            walls[-1].append(two_jobs_at_once(Path(tmp) / f"ceiling-{round_}")["quantize_s"])
+        for k, (run, _) in enumerate(DEFAULT_JOB_RUNS):
+            report = json.loads((outs[k] / "quantize_report.json").read_text())
+            rounds = " / ".join(f"{w:.1f}" for w in walls[k])
+            rows.append({**phase_row(run, report, median(walls[k])), "rounds_s": rounds,
+                         "perplexity": perplexity(str(outs[k]), args.windows)})
         for row in rows[1:]:
             row["speedup"] = rows[0]["quantize_s"] / row["quantize_s"]
             row["ppl_change_pct"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
         rows[2]["same_tensors_as_object_store"] = same_tensors(outs[1], outs[2])
-        rows.append(two_jobs_at_once(Path(tmp), rows[0]["quantize_s"]))
+        rows.append({"run": "two sequential jobs at once, 1 thread each (the machine's 2-process ceiling)",
+                     "quantize_s": median(walls[-1]), "rounds_s": " / ".join(f"{w:.1f}" for w in walls[-1]),
+                     "speedup": 2 * rows[0]["quantize_s"] / median(walls[-1])})
         for row in rows[1:3]:  # the share of the two-process ceiling each two-worker schedule reaches
             row["of_ceiling"] = row["speedup"] / rows[3]["speedup"]
+        rows[1]["of_ceiling_rounds"] = " / ".join(  # each round on its own: its data-parallel run against its ceiling
+            f"{both / (2 * dp):.3f}" for dp, both in zip(walls[1], walls[-1]))
         reports = [json.loads((out / "quantize_report.json").read_text()) for out in outs[:2]]
         write_results("data_parallel_cpu", cpu_rows(*reports), ["phase", "sequential_s", "data_parallel_s", "ratio"],
                       {"runs": f"{DEFAULT_JOB_RUNS[0][0]}; {DEFAULT_JOB_RUNS[1][0]}",
@@ -148,13 +168,16 @@ def main() -> None:
                       ["worker", "phase", "start_s", "end_s"],
                       {"run": DEFAULT_JOB_RUNS[1][0], "layer": middle["layer"],
                        "wall_s": middle["timeline"]["wall_s"], "chosen": "the layer of median wall time"})
-        write_results("data_parallel", rows, ["run", "quantize_s", "layers_s", "speedup", "of_ceiling",
+        write_results("data_parallel", rows, ["run", "quantize_s", "rounds_s", "layers_s", "speedup", "of_ceiling",
+                                              "of_ceiling_rounds",
                                               "busy_fraction", "perplexity", "ppl_change_pct", "forward_s",
                                               "hessian_s", "reduce_s", "solve_s", "broadcast_s",
                                               "hessian_mb_per_layer", "result_mb_per_layer",
                                               "same_tensors_as_object_store"],
                       {"model": "SmolLM2-135M-Instruct, configs/default.yaml", "machine": "2 CPU cores",
-                       "eval": f"{args.windows}×512 tokens"})
+                       "eval": f"{args.windows}×512 tokens",
+                       "rounds": f"{args.rounds} (wall times: medians; the collective run and the phase "
+                                 "columns: the first round)"})
         if args.default_job_only:
             return
         float_dir = Path(tmp) / "qwen2-7b-shaped"

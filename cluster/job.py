@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantizer.calibration import CalibrationConfig
-from quantizer.config import QuantConfig
+from quantizer.config import CalibrationConfig, QuantConfig
 from quantizer.errors import ConfigError
 from quantizer.settings import build_settings, read_yaml_mapping
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from quantizer.activations import TokenBatch
+from quantizer.config import CalibrationConfig  # noqa: F401 (its home before quantizer.config)
 from quantizer.errors import ConfigError
 
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -30,19 +30,6 @@ def default_calibration_file() -> Path:
 
 def default_eval_file() -> Path:
     return Path(str(resources.files("quantizer") / "data" / "eval_wiki.txt"))
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    num_samples: int = 128  # sequences drawn from the file
-    max_len: int = 512  # tokens per sequence at most (longer ones are truncated)
-    batch_size: int = 8  # sequences per activation batch travelling between layers
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_samples", "max_len", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"calibration {name} must be a positive integer, got {getattr(self, name)}")
 
 
 def _record_text(record: Any, tokenizer, where: str) -> str:

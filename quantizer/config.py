@@ -146,3 +146,16 @@ def _largest_dividing_group(in_features: int) -> int:
         if in_features % g == 0:
             return g
     return -1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    num_samples: int = 128  # sequences drawn from the file
+    max_len: int = 512  # tokens per sequence at most (longer ones are truncated)
+    batch_size: int = 8  # sequences per activation batch travelling between layers
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"calibration {name} must be a positive integer, got {getattr(self, name)}")
