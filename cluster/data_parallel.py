@@ -23,7 +23,7 @@ from cluster.dp_worker import DataParallelWorker, Owners, module_losses, pass_to
 from cluster.plan import LINK_BYTES_PER_S, solving_ranks, worker_flops
 from cluster.progress import JobProgress, StageProgress
 from cluster.timeline import layer_timeline
-from cluster.recovery import Recovery, actor_lost, wait_until_restarted
+from cluster.recovery import Recovery, recoverable, wait_until_restarted
 from rayquant.ray_private import actor_state
 from quantizer.activations import TokenBatch
 from quantizer.calibration import make_batches
@@ -114,6 +114,7 @@ class DataParallelRun:
                     old = replays[0][1]
                     old.resumed, old.seconds = True, max(seconds for seconds, _ in replays)
                     progress.update(old)
+                    self.reported.add(index)
                 else:
                     self._layer(index, progress)
                 index += 1
@@ -252,7 +253,8 @@ class DataParallelRun:
         replaying the finished layers on its sequences, one that went past it by starting over — and return
         that layer, which every worker then quantizes again. Under the collective transport the group dies
         with any of its members: every worker is restarted and the group formed anew."""
-        lost = self._lost_ranks() if actor_lost(exc) or self.collective else []
+        # a worker's own task fails when the worker is lost — or when an input came from one that was
+        lost = self._lost_ranks() if recoverable(exc) or self.collective else []
         if not lost:
             raise exc
         restart = list(range(self.world)) if self.collective else lost
