@@ -16,7 +16,7 @@ import ray
 from quantizer.errors import ConfigError
 
 TESTED_RAY_VERSIONS = ("2.60.0",)
-GRACE_SECONDS = 0.3  # (stop_local_ray) how long Ray's processes get to exit after SIGTERM
+GRACE_SECONDS = 0.3  # (stop_local_ray) how long Ray's processes after the raylet get to exit after SIGTERM
 
 
 class PrivateRayApiError(ConfigError):
@@ -56,9 +56,10 @@ def metrics_port_option(port: int) -> dict[str, int]:
 def stop_local_ray() -> None:
     """ray.shutdown() of the Ray this process started, without its waits: Ray stops its processes one after
     another, giving each up to 1 s to exit after SIGTERM — which the autoscaler's monitor never does, so every
-    local Ray took ≥ 1.3 s to stop. Here the raylet goes first, as in Ray (it stops its workers), then every
-    other process gets SIGTERM at once and SIGKILL if still running 0.3 s later; Ray's own shutdown then finds
-    them gone. On a Ray this was not tested on, or for a Ray this process joined: plain ray.shutdown()."""
+    local Ray took ≥ 1.3 s to stop. Here the raylet goes first, as in Ray (it stops its workers; up to 1 s),
+    then every other process gets SIGTERM at once and SIGKILL if still running 0.3 s later; Ray's own
+    shutdown then finds them gone. On a Ray this was not tested on, or for a Ray this process joined: plain
+    ray.shutdown()."""
     node = ray._private.worker._global_node if untested_ray("stopping a local Ray quickly") is None else None
     if node is not None and node.is_head():
         node.kill_all_processes = functools.partial(_stop_side_by_side, node)
@@ -69,12 +70,12 @@ def _stop_side_by_side(node, check_alive: bool = False, allow_graceful: bool = T
     """Node.kill_all_processes with the processes after the raylet stopped at once (see `stop_local_ray`)."""
     from ray._private import ray_constants
 
-    def stop(types: list[str]) -> None:
+    def stop(types: list[str], grace: float) -> None:
         processes = [info.process for t in types for info in node.all_processes.pop(t, [])]
         for process in processes:
             if process.poll() is None:
                 process.terminate()
-        deadline = time.monotonic() + GRACE_SECONDS
+        deadline = time.monotonic() + grace
         for process in processes:
             try:
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -82,6 +83,6 @@ def _stop_side_by_side(node, check_alive: bool = False, allow_graceful: bool = T
                 process.kill()
                 process.wait(timeout=5)
 
-    stop([ray_constants.PROCESS_TYPE_RAYLET])
-    stop([t for t in list(node.all_processes) if t != ray_constants.PROCESS_TYPE_REAPER])
-    stop([ray_constants.PROCESS_TYPE_REAPER])
+    stop([ray_constants.PROCESS_TYPE_RAYLET], 1.0)  # Ray's own grace for it: it stops its workers (≈ 30 ms)
+    stop([t for t in list(node.all_processes) if t != ray_constants.PROCESS_TYPE_REAPER], GRACE_SECONDS)
+    stop([ray_constants.PROCESS_TYPE_REAPER], GRACE_SECONDS)
