@@ -13,6 +13,7 @@ in (`cluster.timeline`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -299,10 +300,9 @@ class DataParallelWorker:
         """(Worker 0) checkpoint finished layer `index` with `report` — the driver's, whole once every worker's
         forward is in —, in the background while the next layer runs."""
         tensors = self.unsaved.pop(index)
-        if self.saving_layer is not None and not self.saving_layer.done():
-            with self.timeline.span("save"):  # the layer before is still being written
-                self.flush()
-        self.flush()
+        waiting = self.saving_layer is not None and not self.saving_layer.done()  # the layer before, still written
+        with self.timeline.span("save") if waiting else contextlib.nullcontext():
+            self.flush()
         report.peak_rss_mb = peak_rss_mb()
         self.saving_layer = self.engine.background.submit(self.layer_store.save, index, tensors, report)
 
