@@ -24,7 +24,7 @@ from cluster.plan import LINK_BYTES_PER_S, solving_ranks, worker_flops
 from cluster.progress import JobProgress, StageProgress
 from cluster.timeline import layer_timeline
 from cluster.recovery import Recovery, recoverable, wait_until_restarted
-from rayquant.ray_private import actor_state
+from rayquant.ray_private import actor_process
 from quantizer.activations import TokenBatch
 from quantizer.calibration import make_batches
 from quantizer.checkpoint import shard_name
@@ -37,6 +37,7 @@ from quantizer.passes import experts_label, experts_progress, layer_passes, part
 from quantizer.storage import Location
 
 log = logging.getLogger(__name__)
+ANSWER_TIMEOUT_S = 10.0  # (_lost_ranks) how long a worker gets to say which process it is
 
 
 def split_sequences(samples: list, workers: int, batch_size: int, pad_id: int) -> list[list[TokenBatch]]:
@@ -232,17 +233,18 @@ class DataParallelRun:
             _get_all([w.join_group.remote(address) for w in self.workers])
 
     def _lost_ranks(self) -> list[int]:
-        """Workers whose process is gone: dead, restarting, or already restarted (another pid). Under the
-        collective transport a worker that does not answer is waiting on the group: alive, not lost."""
+        """Workers whose process is gone: dead, restarting, or already restarted (another pid). A worker that
+        does not answer within ANSWER_TIMEOUT_S is busy — its queue holds calls that wait on the lost worker's
+        results, or on the collective group — and is lost only if Ray's record shows another state or process."""
         lost = []
         for rank, worker in enumerate(self.workers):
             try:
-                if ray.get(worker.pid.remote(), timeout=10) != self.pids[rank]:
+                if ray.get(worker.pid.remote(), timeout=ANSWER_TIMEOUT_S) != self.pids[rank]:
                     lost.append(rank)
             except ray.exceptions.RayActorError:
                 lost.append(rank)
             except ray.exceptions.GetTimeoutError:
-                if not self.collective or actor_state(worker) != "ALIVE":
+                if actor_process(worker) != ("ALIVE", self.pids[rank]):
                     lost.append(rank)
         return lost
 

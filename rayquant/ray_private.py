@@ -41,8 +41,15 @@ def _require(what: str) -> None:
 def actor_state(actor) -> str:
     """ALIVE, RESTARTING, DEAD, … as Ray's control store records it (no public API gives it without the
     dashboard)."""
+    return actor_process(actor)[0]
+
+
+def actor_process(actor) -> tuple[str, int]:
+    """(state, pid) of the actor's current process as Ray's control store records them: a busy actor's
+    record answers while a call to it would wait behind its queue."""
     _require("telling a restarting actor from a dead one")
-    return ray._private.state.actors(actor._actor_id.hex()).get("State", "UNKNOWN")
+    record = ray._private.state.actors(actor._actor_id.hex())
+    return record.get("State", "UNKNOWN"), int(record.get("Pid", 0))
 
 
 def metrics_port_option(port: int) -> dict[str, int]:

@@ -6,10 +6,15 @@ decides on the whole calibration's counts; the report has per-phase times and th
 worker counts are refused before any layer starts."""
 
 import json
+import os
+import time
+from types import SimpleNamespace
 
 import pytest
+import ray
 
-from cluster.data_parallel import assign_units
+from cluster import data_parallel
+from cluster.data_parallel import DataParallelRun, assign_units
 from cluster.plan import GPU_FLOPS, LINK_BYTES_PER_S, row_split_pays, worker_flops
 from quantizer.errors import ConfigError
 from quantizer.model_io import CheckpointReader
@@ -172,6 +177,30 @@ def test_more_workers_than_sequences_or_cluster_resources_are_refused(tiny_llama
     with pytest.raises(ConfigError, match=r"needs 6 CPUs \(6 workers × 1\), the cluster has 4"):
         run_job(tiny_llama, tmp_path / "big", **DP, **{"resources.workers": 6})
     assert not (tmp_path / "many").exists() and not (tmp_path / "big").exists()
+
+
+@ray.remote(num_cpus=0)
+class _Worker:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def busy(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_a_busy_worker_is_not_taken_for_a_lost_one(ray_local, monkeypatch):
+    """When a worker dies, the others' queues hold calls waiting on its results: they answer late. Ray's
+    record says they are still the same process, so only the dead worker is restarted and reported; a worker
+    whose record shows another process is lost even when it is busy."""
+    monkeypatch.setattr(data_parallel, "ANSWER_TIMEOUT_S", 0.5)
+    busy, dead = _Worker.remote(), _Worker.remote()
+    pids = ray.get([busy.pid.remote(), dead.pid.remote()])
+    for _ in range(2):
+        busy.busy.remote(3)
+    ray.kill(dead)
+    assert DataParallelRun._lost_ranks(SimpleNamespace(workers=[busy, dead], pids=pids)) == [1]
+    assert DataParallelRun._lost_ranks(SimpleNamespace(workers=[busy], pids=[pids[0] + 1])) == [0]
+    ray.kill(busy)
 
 
 def test_data_parallel_settings_are_validated():

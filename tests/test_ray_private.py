@@ -1,6 +1,7 @@
 """Private Ray APIs are used only through rayquant/ray_private.py (and the Serve proxy hooks), and only on
 the Ray version they were tested on: elsewhere they refuse with the version to install."""
 
+import os
 import re
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import ray
 
 from rayquant import ray_private
-from rayquant.ray_private import PrivateRayApiError, actor_state, metrics_port_option
+from rayquant.ray_private import PrivateRayApiError, actor_process, actor_state, metrics_port_option
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_USE = re.compile(r"ray\._private|ray\.serve\._private|\._actor_id|_metrics_export_port")
@@ -26,11 +27,15 @@ class _Probe:
     def ping(self) -> int:
         return 1
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 def test_actor_state_on_the_tested_ray_and_refused_on_another(ray_local, monkeypatch):
     actor = _Probe.remote()
     ray.get(actor.ping.remote())
     assert actor_state(actor) == "ALIVE"
+    assert actor_process(actor) == ("ALIVE", ray.get(actor.pid.remote()))
     assert metrics_port_option(0) == {} and metrics_port_option(8080) == {"_metrics_export_port": 8080}
     monkeypatch.setattr(ray, "__version__", "2.61.0")
     assert "install ray[serve]==2.60.0" in ray_private.untested_ray("x")
