@@ -9,12 +9,13 @@ import socket
 import ray
 
 from quantizer.errors import ConfigError
-from rayquant.ray_private import metrics_port_option
+from rayquant.ray_private import metrics_port_option, preload_option, quick_local_start
 
 
-def connect_ray(address: str | None, cpus_needed: int, metrics_port: int = 0) -> bool:
+def connect_ray(address: str | None, cpus_needed: int, metrics_port: int = 0, preload: tuple[str, ...] = ()) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start a local Ray (Prometheus metrics on `metrics_port`,
-    0 = a port Ray picks). Returns True if this call started it."""
+    0 = a port Ray picks; its worker processes import the modules in `preload` as they start). Returns True
+    if this call started it."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -31,6 +32,7 @@ def connect_ray(address: str | None, cpus_needed: int, metrics_port: int = 0) ->
         ray.init(address=address, logging_level=logging.WARNING)
         return False
     # address="local": always a new Ray owned by this process, never a cluster that happens to run here
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
-             logging_level=logging.WARNING, **metrics_port_option(metrics_port))
+    with quick_local_start():
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
+                 logging_level=logging.WARNING, **metrics_port_option(metrics_port), **preload_option(preload))
     return True

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from quantizer.assets import default_model_dir
-from tests.local_ray import LOCAL_RAY, actors_left, stop_ray
+from tests.local_ray import actors_left, start_ray, stop_ray
 from tests.tiny_models import write_tiny_model
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -89,7 +89,7 @@ def tiny_llama_gptq(tmp_path_factory):
     with FileLock(str(root) + ".lock"):
         if not (out / "quantize_report.json").is_file():
             if not ray.is_initialized():  # the module's Ray (module_ray) when it runs one
-                ray.init(**LOCAL_RAY)
+                start_ray()
             run_job(write_tiny_model(root / "tiny-llama", "llama"), out, stages=1)
     return out
 
@@ -118,7 +118,7 @@ def module_ray(request):
 
     wanted = request.path in RAY_MODULES
     if wanted and not ray.is_initialized():
-        ray.init(**LOCAL_RAY)
+        start_ray()
     elif not wanted and ray.is_initialized():
         stop_ray()
     yield

@@ -5,6 +5,16 @@ from __future__ import annotations
 LOCAL_RAY = {"address": "local", "num_cpus": 4, "include_dashboard": False, "logging_level": "WARNING"}
 
 
+def start_ray() -> None:
+    """This process's local Ray for the tests, started as the CLI starts one (rayquant.ray_private's quick start)."""
+    import ray
+
+    from rayquant.ray_private import quick_local_start
+
+    with quick_local_start():
+        ray.init(**LOCAL_RAY)
+
+
 def stop_ray() -> None:
     """Shut this process's Ray down and forget any Serve client of it (a client left by a failed test would send
     the next cluster's calls to this one's dead controller)."""
@@ -22,7 +32,7 @@ def fresh_local_ray() -> None:
 
     if ray.is_initialized():
         stop_ray()
-    ray.init(**LOCAL_RAY)
+    start_ray()
 
 
 def actors_left() -> list[str]:

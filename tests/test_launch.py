@@ -15,7 +15,12 @@ from rayquant.cli import main
 def test_a_refused_job_stops_the_ray_started_beside_its_checks(tmp_path, monkeypatch):
     started = []
     connect = launch.connect_ray
-    monkeypatch.setattr(launch, "connect_ray", lambda *args: started.append(connect(*args)) or started[-1])
+
+    def connect_and_note(*args, **kwargs) -> bool:
+        started.append(connect(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(launch, "connect_ray", connect_and_note)
     job = load_job(None, {"model": str(tmp_path / "nope"), "output_dir": str(tmp_path / "out")})
     with pytest.raises(ConfigError, match="does not exist"):
         launch.run_job(job)

@@ -45,3 +45,45 @@ def test_actor_state_on_the_tested_ray_and_refused_on_another(ray_local, monkeyp
         metrics_port_option(8080)
     assert metrics_port_option(0) == {}  # no private keyword needed
     ray.kill(actor)
+
+
+QUICK_START = """
+import sys
+
+import ray
+from ray._private import ray_constants, services
+from ray._private.node import Node
+
+from rayquant.ray_connect import connect_ray
+from rayquant.ray_private import stop_local_ray
+
+patched = (Node.start_api_server, services.get_node)
+assert connect_ray(None, 1, preload=("email.mime.text",))
+assert (Node.start_api_server, services.get_node) == patched, "Ray's functions are restored after the start"
+processes = ray._private.worker._global_node.all_processes
+assert processes[ray_constants.PROCESS_TYPE_DASHBOARD], "the API server still runs"
+
+
+@ray.remote(num_cpus=1)
+class Probe:
+    def preloaded(self) -> bool:
+        return "email.mime.text" in sys.modules
+
+
+print("PRELOADED", ray.get(Probe.remote().preloaded.remote()))
+stop_local_ray()
+"""
+
+
+def test_a_local_ray_starts_quickly_with_its_workers_preloaded(tmp_path):
+    """The quick start of a local Ray gives a working Ray with its API server, puts Ray's functions back, and
+    the workers an actor lands on have imported the preloaded modules before any work reached them."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", QUICK_START], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "PRELOADED True" in done.stdout
+    assert ray_private.preload_option(()) == {}
+    assert ray_private.preload_option(("torch",)) == {"_system_config": {"preload_python_modules": ["torch"]}}
