@@ -16,7 +16,8 @@
    the bytes moved per layer. (Qwen2-72B's layer does not fit twice in this machine's 24 GiB: its down_proj
    Hessian alone is 3.5 GB per worker.)
 
-Usage: python -m bench.data_parallel [--windows 32] [--rounds 2] [--default-job-only]   (~40 min on 2 cores)
+Usage: python -m bench.data_parallel [--windows 32] [--rounds 3] [--default-job-only]
+(on 2 cores: ~20 min with --default-job-only, ~50 min without)
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def median(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of sequential, data-parallel and the "
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of sequential, data-parallel and the "
                         "ceiling, one after the other; wall times are the medians (default 2)")
     parser.add_argument("--default-job-only", action="store_true", help="skip the 7B-shaped layer")
     args = parser.parse_args()
