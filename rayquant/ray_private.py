@@ -118,7 +118,7 @@ def preload_option(modules: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
     """ray.init's keywords for a new local Ray whose worker processes import `modules` as they start — before
     any work reaches them. Ray starts a worker per CPU with the raylet, and a job's actors take those, so the
     actors' imports (torch, transformers: ≈ 3.5 s of CPU each) run while the driver still imports and plans
-    rather than after. None on a Ray this was not tested on (a slower start, nothing else)."""
+    rather than after. No keywords on a Ray this was not tested on (a slower start, nothing else)."""
     if not modules or untested_ray("preloading modules in Ray's workers") is not None:
         return {}
     return {"_system_config": {"preload_python_modules": list(modules)}}
