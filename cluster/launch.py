@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from cluster.driver import Driver
 
 log = logging.getLogger(__name__)
-ACTOR_MODULES = {"data_parallel": "cluster.dp_worker"}  # what a local Ray's workers import as they start
-STAGE_MODULE = "cluster.stage"  # (the other schedules' stage actors)
 
 
 def _build_driver(job: JobConfig, restart: bool) -> Driver:
@@ -40,7 +38,8 @@ def run_job(job: JobConfig, restart: bool = False) -> dict[str, Any]:
     with stages: auto, for one stage); a plan with more stages than that local Ray has CPUs for starts it again
     with enough (more stages than the machine has cores: rare)."""
     actors = job.actors or 1
-    preload = (ACTOR_MODULES.get(job.resolved_schedule, STAGE_MODULE),)
+    # what a local Ray's workers import as they start: the module of the job's actors
+    preload = ("cluster.dp_worker" if job.resolved_schedule == "data_parallel" else "cluster.stage",)
     with ThreadPoolExecutor(1, thread_name_prefix="rayquant-checks") as pool:
         building = pool.submit(_build_driver, job, restart)
         try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
@@ -80,20 +80,7 @@ def quick_local_start() -> Iterator[None]:
     from ray._private.state import GlobalState
 
     start_api_server, get_node = Node.start_api_server, services.get_node
-    starting: list[tuple[threading.Thread, list[BaseException]]] = []
-
-    def api_server_beside(node, **kwargs) -> None:
-        errors: list[BaseException] = []
-
-        def start() -> None:
-            try:
-                start_api_server(node, **kwargs)
-            except BaseException as exc:  # raised on the caller's thread, in node_registered
-                errors.append(exc)
-
-        thread = threading.Thread(target=start, name="ray-api-server", daemon=True)
-        thread.start()
-        starting.append((thread, errors))
+    started: list[Future] = []  # the API server's start, raised from (if it fails) in node_registered
 
     def node_registered(gcs_address: str, node_id: str):
         state = GlobalState()
@@ -101,17 +88,20 @@ def quick_local_start() -> Iterator[None]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(n["NodeID"] == node_id for n in state.node_table()):
             time.sleep(NODE_POLL_SECONDS)
-        for thread, errors in starting:
-            thread.join()
-            if errors:
-                raise errors[0]
+        for start in started:
+            start.result()
         return get_node(gcs_address, node_id)  # (answers at once now; after 30 s it raises Ray's own error)
 
-    Node.start_api_server, services.get_node = api_server_beside, node_registered
-    try:
-        yield
-    finally:
-        Node.start_api_server, services.get_node = start_api_server, get_node
+    with ThreadPoolExecutor(1, thread_name_prefix="ray-api-server") as beside:
+
+        def api_server_beside(node, **kwargs) -> None:
+            started.append(beside.submit(start_api_server, node, **kwargs))
+
+        Node.start_api_server, services.get_node = api_server_beside, node_registered
+        try:
+            yield
+        finally:
+            Node.start_api_server, services.get_node = start_api_server, get_node
 
 
 def preload_option(modules: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
